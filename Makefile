@@ -1,0 +1,45 @@
+# Two commands from a fresh clone: `make run` and `make test`.
+# Both install what they need: Debian packages (as root) and the Python venv.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEB_STAMP := .deb-packages.stamp
+PYTEST_ARGS ?=
+
+.PHONY: run test lint bench deps venv clean help
+
+help:
+	@echo "make run    start the appliance on embedded defaults (data under ./var)"
+	@echo "make test   lint + the test suite with real DICOM peers (DCMTK, Orthanc)"
+	@echo "make bench  receive throughput against DCMTK storescp and Orthanc"
+
+deps: $(DEB_STAMP)
+
+$(DEB_STAMP): scripts/debian-packages.txt scripts/ensure-debian-packages.sh
+	bash scripts/ensure-debian-packages.sh scripts/debian-packages.txt
+	touch $@
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml $(DEB_STAMP)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test,systemd]'
+	touch $@
+
+run: $(STAMP)
+	$(BIN)/appliance run
+
+lint: $(STAMP)
+	$(BIN)/ruff check appliance tests bench
+
+test: lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python bench/receive.py
+
+clean:
+	rm -rf $(VENV) $(DEB_STAMP) .pytest_cache

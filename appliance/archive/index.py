@@ -1,0 +1,274 @@
+"""The SQLite index: patient, study, series and instance rows.
+
+SQLite in WAL mode with synchronous=FULL: every commit is on disk before the
+sender hears success, readers (status page, `appliance find`) never block the
+receiver, and several services can share the file. Each thread gets its own
+connection; transactions are short.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from appliance.archive.record import InstanceRecord
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS patients (
+    id INTEGER PRIMARY KEY,
+    patient_id TEXT NOT NULL UNIQUE,
+    patient_name TEXT NOT NULL DEFAULT '',
+    birth_date TEXT NOT NULL DEFAULT '',
+    sex TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS studies (
+    id INTEGER PRIMARY KEY,
+    study_instance_uid TEXT NOT NULL UNIQUE,
+    patient_ref INTEGER NOT NULL REFERENCES patients(id),
+    accession_number TEXT NOT NULL DEFAULT '',
+    study_date TEXT NOT NULL DEFAULT '',
+    study_time TEXT NOT NULL DEFAULT '',
+    study_description TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS series (
+    id INTEGER PRIMARY KEY,
+    series_instance_uid TEXT NOT NULL UNIQUE,
+    study_ref INTEGER NOT NULL REFERENCES studies(id),
+    modality TEXT NOT NULL DEFAULT '',
+    series_number TEXT NOT NULL DEFAULT '',
+    station_name TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS instances (
+    id INTEGER PRIMARY KEY,
+    sop_instance_uid TEXT NOT NULL UNIQUE,
+    series_ref INTEGER NOT NULL REFERENCES series(id),
+    sop_class_uid TEXT NOT NULL,
+    instance_number TEXT NOT NULL DEFAULT '',
+    transfer_syntax_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    calling_ae TEXT NOT NULL DEFAULT '',
+    source TEXT NOT NULL DEFAULT '',
+    received_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS patients_name ON patients(patient_name);
+CREATE INDEX IF NOT EXISTS studies_patient ON studies(patient_ref);
+CREATE INDEX IF NOT EXISTS studies_date ON studies(study_date);
+CREATE INDEX IF NOT EXISTS studies_accession ON studies(accession_number);
+CREATE INDEX IF NOT EXISTS series_study ON series(study_ref);
+CREATE INDEX IF NOT EXISTS series_modality ON series(modality);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_ref);
+CREATE INDEX IF NOT EXISTS instances_received ON instances(received_at);
+"""
+
+INSTANCE_VIEW = """
+SELECT i.sop_instance_uid, i.sop_class_uid, i.instance_number, i.transfer_syntax_uid,
+       i.path, i.size, i.sha256, i.calling_ae, i.source, i.received_at,
+       se.series_instance_uid, se.modality, se.series_number, se.station_name,
+       st.study_instance_uid, st.accession_number, st.study_date, st.study_time,
+       st.study_description,
+       p.patient_id, p.patient_name, p.birth_date, p.sex
+FROM instances i
+JOIN series se ON se.id = i.series_ref
+JOIN studies st ON st.id = se.study_ref
+JOIN patients p ON p.id = st.patient_ref
+"""
+
+
+class SchemaTooNew(Exception):
+    """The index cannot be opened or is of an unknown version."""
+
+
+class Index:
+    """The archive's SQLite index; safe to share between threads."""
+
+    def __init__(self, path: Path, *, create: bool = True) -> None:
+        """Open the index; `create` makes or upgrades the schema (services do, readers don't)."""
+        self.path = path
+        self._local = threading.local()
+        conn = self.connection()
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"index {path} has schema version {version}, newer than this software "
+                f"({SCHEMA_VERSION}); update the appliance software"
+            )
+        if create and version < SCHEMA_VERSION:
+            conn.executescript(
+                f"BEGIN IMMEDIATE; {SCHEMA}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            )
+
+    def connection(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
+        conn = self.connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    # --- writing ---------------------------------------------------------------
+
+    @staticmethod
+    def upsert_instance(
+        conn: sqlite3.Connection,
+        record: InstanceRecord,
+        *,
+        path: str,
+        size: int,
+        sha256: str,
+        calling_ae: str,
+        source: str,
+        received_at: str,
+    ) -> int:
+        """Insert or update the four rows of one instance; return the instance row id.
+
+        Newer data wins at every level: a corrected patient name or a study
+        moved to another patient follows the last object received.
+        """
+        patient = conn.execute(
+            """INSERT INTO patients (patient_id, patient_name, birth_date, sex)
+               VALUES (?, ?, ?, ?)
+               ON CONFLICT(patient_id) DO UPDATE SET
+                 patient_name = excluded.patient_name,
+                 birth_date = excluded.birth_date, sex = excluded.sex
+               RETURNING id""",
+            (record.patient_id, record.patient_name, record.birth_date, record.sex),
+        ).fetchone()[0]
+        study = conn.execute(
+            """INSERT INTO studies (study_instance_uid, patient_ref, accession_number,
+                                    study_date, study_time, study_description)
+               VALUES (?, ?, ?, ?, ?, ?)
+               ON CONFLICT(study_instance_uid) DO UPDATE SET
+                 patient_ref = excluded.patient_ref,
+                 accession_number = excluded.accession_number,
+                 study_date = excluded.study_date, study_time = excluded.study_time,
+                 study_description = excluded.study_description
+               RETURNING id""",
+            (record.study_instance_uid, patient, record.accession_number, record.study_date,
+             record.study_time, record.study_description),
+        ).fetchone()[0]
+        series = conn.execute(
+            """INSERT INTO series (series_instance_uid, study_ref, modality, series_number,
+                                   station_name)
+               VALUES (?, ?, ?, ?, ?)
+               ON CONFLICT(series_instance_uid) DO UPDATE SET
+                 study_ref = excluded.study_ref, modality = excluded.modality,
+                 series_number = excluded.series_number, station_name = excluded.station_name
+               RETURNING id""",
+            (record.series_instance_uid, study, record.modality, record.series_number,
+             record.station_name),
+        ).fetchone()[0]
+        return conn.execute(
+            """INSERT INTO instances (sop_instance_uid, series_ref, sop_class_uid,
+                 instance_number, transfer_syntax_uid, path, size, sha256, calling_ae,
+                 source, received_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT(sop_instance_uid) DO UPDATE SET
+                 series_ref = excluded.series_ref, sop_class_uid = excluded.sop_class_uid,
+                 instance_number = excluded.instance_number,
+                 transfer_syntax_uid = excluded.transfer_syntax_uid, path = excluded.path,
+                 size = excluded.size, sha256 = excluded.sha256,
+                 calling_ae = excluded.calling_ae, source = excluded.source,
+                 received_at = excluded.received_at
+               RETURNING id""",
+            (record.sop_instance_uid, series, record.sop_class_uid, record.instance_number,
+             record.transfer_syntax_uid, path, size, sha256, calling_ae, source, received_at),
+        ).fetchone()[0]
+
+    # --- reading ---------------------------------------------------------------
+
+    def instance(self, sop_instance_uid: str) -> dict[str, Any] | None:
+        row = self.connection().execute(
+            INSTANCE_VIEW + " WHERE i.sop_instance_uid = ?", (sop_instance_uid,)
+        ).fetchone()
+        return dict(row) if row else None
+
+    def find(
+        self,
+        *,
+        patient_id: str | None = None,
+        patient_name: str | None = None,
+        study_date: str | None = None,
+        modality: str | None = None,
+        accession_number: str | None = None,
+        study_instance_uid: str | None = None,
+        limit: int | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Instances matching every given criterion, oldest study first.
+
+        `study_date` takes YYYYMMDD or a range YYYYMMDD-YYYYMMDD; `patient_name`
+        matches a substring of any name group (alphabetic, kanji, kana).
+        """
+        clauses: list[str] = []
+        args: list[Any] = []
+        if patient_id is not None:
+            clauses.append("p.patient_id = ?")
+            args.append(patient_id)
+        if patient_name is not None:
+            clauses.append("p.patient_name LIKE ? ESCAPE '\\'")
+            escaped = patient_name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            args.append(f"%{escaped}%")
+        if study_date is not None:
+            low, dash, high = study_date.partition("-")
+            clauses.append("st.study_date BETWEEN ? AND ?")
+            args.extend([low or "00000000", high or "99999999"] if dash else [low, low])
+        if modality is not None:
+            clauses.append("se.modality = ?")
+            args.append(modality)
+        if accession_number is not None:
+            clauses.append("st.accession_number = ?")
+            args.append(accession_number)
+        if study_instance_uid is not None:
+            clauses.append("st.study_instance_uid = ?")
+            args.append(study_instance_uid)
+        sql = INSTANCE_VIEW
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        sql += " ORDER BY st.study_date, st.study_time, se.series_number + 0, i.instance_number + 0"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        for row in self.connection().execute(sql, args):
+            yield dict(row)
+
+    def counts(self, received_prefix: str) -> dict[str, int]:
+        """Instance and byte counts, in all and received on a day (YYYY-MM-DD prefix)."""
+        conn = self.connection()
+        total, size = conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM instances").fetchone()
+        today, today_size = conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM instances WHERE received_at >= ? "
+            "AND received_at < ?",
+            (received_prefix, received_prefix + "\uffff"),
+        ).fetchone()
+        return {"instances": total, "bytes": size, "instances_today": today, "bytes_today": today_size}
+
+    def integrity_check(self) -> str:
+        return self.connection().execute("PRAGMA integrity_check").fetchone()[0]

@@ -1,0 +1,364 @@
+"""The archive's one door: every producer of an instance comes through here.
+
+C-STORE, `appliance import`, and later the capture and folder-watcher
+services all hand a complete DICOM Part 10 file to `Archive.ingest_file()`.
+This module alone owns the file layout, the durable write and the index row,
+so the durability rule is written once:
+
+    temp file in <data_dir>/tmp -> check it is complete -> fsync -> rename into
+    the tree -> fsync the directory -> commit the index row -> only then success
+
+A crash at any instant leaves either nothing indexed or a complete, indexed
+object; temp files of dead processes are removed at start.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import sqlite3
+import warnings
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+
+from appliance.archive import durable, layout
+from appliance.archive.index import Index
+from appliance.archive.record import InstanceRecord, UnreadableObject, read_record
+from appliance.processes import pid_alive
+
+log = logging.getLogger("appliance.archive")
+
+LOCK_STRIPES = 64
+TEMP_SUFFIX = ".part"
+
+IndexedHook = Callable[[sqlite3.Connection, int, InstanceRecord], None]
+
+
+class OutOfSpace(Exception):
+    """The archive cannot take the object now (disk full or unwritable); try later."""
+
+
+class Rejected(Exception):
+    """The object is not a usable DICOM instance; its bytes are in quarantine."""
+
+    def __init__(self, reason: str, quarantined: Path | None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.quarantined = quarantined
+
+
+@dataclass(frozen=True)
+class Stored:
+    outcome: Literal["stored", "duplicate", "replaced"]
+    record: InstanceRecord
+    path: Path
+    sha256: str
+    size: int
+
+
+def now_local() -> dt.datetime:
+    return dt.datetime.now().astimezone()
+
+
+class Archive:
+    """The archive tree under <data_dir>, its temp area, quarantine and index."""
+
+    def __init__(self, data_dir: Path, *, min_free_bytes: int = 0) -> None:
+        self.data_dir = data_dir
+        self.root = data_dir / "archive"
+        self.temp_dir = data_dir / "tmp"
+        self.lock_dir = data_dir / "locks"
+        self.replaced_dir = data_dir / "replaced"
+        self.quarantine_dir = data_dir / "quarantine"
+        self.min_free_bytes = min_free_bytes
+        self.on_indexed: list[IndexedHook] = []
+        for directory in (self.root, self.temp_dir, self.lock_dir):
+            durable.make_dirs_durable(directory)
+        self.index = Index(data_dir / "index.sqlite")
+
+    # --- temp files ------------------------------------------------------------
+
+    def new_temp_path(self) -> Path:
+        """A fresh temp name on the archive's file system, tagged with our pid."""
+        return self.temp_dir / f"{os.getpid()}-{secrets.token_hex(8)}{TEMP_SUFFIX}"
+
+    def cleanup_temp(self) -> int:
+        """Remove temp files left by processes that are no longer running."""
+        removed = 0
+        for entry in self.temp_dir.iterdir():
+            pid_text = entry.name.split("-", 1)[0]
+            if pid_text.isdigit() and pid_alive(int(pid_text)):
+                continue  # a running importer or receiver is still writing it
+            try:
+                entry.unlink()
+                removed += 1
+            except IsADirectoryError:
+                shutil.rmtree(entry, ignore_errors=True)
+            except FileNotFoundError:
+                pass
+        if removed:
+            log.info("removed %d leftover temp file(s) from %s", removed, self.temp_dir)
+        return removed
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.data_dir)
+        return st.f_bavail * st.f_frsize
+
+    def check_space(self, incoming: int) -> None:
+        free = self.free_bytes()
+        if free < self.min_free_bytes + incoming:
+            raise OutOfSpace(
+                f"only {free // 1_000_000} MB free on {self.data_dir} (reserve "
+                f"{self.min_free_bytes // 1_000_000} MB): free space or add disks; "
+                "storing resumes by itself"
+            )
+
+    # --- the door --------------------------------------------------------------
+
+    def ingest_file(
+        self,
+        temp: Path,
+        *,
+        calling_ae: str = "",
+        source: str = "",
+        received: dt.datetime | None = None,
+    ) -> Stored:
+        """Archive the complete Part 10 file `temp`, which lies in our temp dir.
+
+        The temp file is consumed: moved into the tree, into quarantine, or
+        removed. Raises OutOfSpace (try later) or Rejected (quarantined).
+        """
+        received = received or now_local()
+        try:
+            size = temp.stat().st_size
+            self.check_space(size)
+            with open(temp, "rb") as fp:
+                try:
+                    record, _ = read_record(fp, size, source or temp.name)
+                except UnreadableObject as exc:
+                    raise Rejected(str(exc), None) from None
+                digest = _sha256(fp)
+                os.fsync(fp.fileno())
+        except Rejected as exc:
+            quarantined = self.quarantine(temp, exc.reason, calling_ae=calling_ae, source=source)
+            raise Rejected(exc.reason, quarantined) from None
+        except OSError as exc:
+            _discard(temp)
+            if durable.is_out_of_space(exc):
+                raise OutOfSpace(f"cannot write to {self.data_dir}: {exc.strerror}") from exc
+            raise
+        except OutOfSpace:
+            _discard(temp)
+            raise
+        with self._instance_lock(record.sop_instance_uid):
+            return self._place(temp, record, digest, size, calling_ae, source, received)
+
+    def _place(
+        self,
+        temp: Path,
+        record: InstanceRecord,
+        digest: str,
+        size: int,
+        calling_ae: str,
+        source: str,
+        received: dt.datetime,
+    ) -> Stored:
+        relative = layout.instance_path(
+            study_date=record.study_date,
+            modality=record.modality,
+            patient_id=record.patient_id,
+            sop_instance_uid=record.sop_instance_uid,
+            received=received,
+        )
+        target = self.root / relative
+        existing = self.index.instance(record.sop_instance_uid)
+        if existing is not None:
+            old_path = self.data_dir / existing["path"]
+            if existing["sha256"] == digest and old_path.is_file():
+                _discard(temp)
+                return Stored("duplicate", record, old_path, digest, size)
+        set_aside: tuple[Path, Path] | None = None
+        placed = False
+        try:
+            if existing is not None and old_path.is_file():
+                kept = self.replaced_dir / received.strftime("%Y%m%d-%H%M%S-%f") / existing["path"]
+                durable.move_durable(old_path, kept)
+                set_aside = (kept, old_path)
+            durable.move_durable(temp, target)
+            placed = True
+            with self.index.transaction() as conn:
+                row = self.index.upsert_instance(
+                    conn,
+                    record,
+                    path=str(target.relative_to(self.data_dir)),
+                    size=size,
+                    sha256=digest,
+                    calling_ae=calling_ae,
+                    source=source,
+                    received_at=received.isoformat(timespec="milliseconds"),
+                )
+                for hook in self.on_indexed:
+                    hook(conn, row, record)
+        except (OSError, sqlite3.Error) as exc:
+            _discard(target if placed else temp)
+            if set_aside is not None:
+                durable.move_durable(*set_aside)
+            if _is_space_error(exc):
+                raise OutOfSpace(f"cannot archive on {self.data_dir}: {exc}") from exc
+            raise
+        if set_aside is not None:
+            log.warning(
+                "SOP Instance %s received again with different content from %s; "
+                "new file %s, previous one kept as %s",
+                record.sop_instance_uid, calling_ae or source, target, set_aside[0],
+            )
+            return Stored("replaced", record, target, digest, size)
+        return Stored("stored", record, target, digest, size)
+
+    def ingest_bytes(self, data: bytes, **kwargs) -> Stored:
+        """Archive a Part 10 byte string (a dicomizer's output, a test)."""
+        temp = self.new_temp_path()
+        try:
+            with open(temp, "wb") as fp:
+                fp.write(data)
+        except OSError as exc:
+            _discard(temp)
+            if durable.is_out_of_space(exc):
+                raise OutOfSpace(f"cannot write to {self.temp_dir}: {exc.strerror}") from exc
+            raise
+        return self.ingest_file(temp, **kwargs)
+
+    def ingest_copy(self, path: Path, **kwargs) -> Stored:
+        """Archive a copy of the DICOM file at `path` (import from a CD, a share).
+
+        A file without the Part 10 header (older CDs) is given one; its
+        dataset bytes are then re-encoded by pydicom, not kept as they were.
+        """
+        temp = self.new_temp_path()
+        try:
+            with open(path, "rb") as src:
+                head = src.read(132)
+                src.seek(0)
+                if head[128:132] == b"DICM":
+                    with open(temp, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+                else:
+                    _write_part10_from_raw(src, temp)
+        except UnreadableObject as exc:
+            _discard(temp)
+            raise Rejected(str(exc), None) from None
+        except OSError as exc:
+            _discard(temp)
+            if durable.is_out_of_space(exc):
+                raise OutOfSpace(f"cannot write to {self.temp_dir}: {exc.strerror}") from exc
+            raise
+        return self.ingest_file(temp, **kwargs)
+
+    def ingest_dataset(self, ds: Dataset, **kwargs) -> Stored:
+        """Archive a dataset built in memory (dicomizers)."""
+        temp = self.new_temp_path()
+        try:
+            ds.save_as(temp, enforce_file_format=True)
+        except OSError as exc:
+            _discard(temp)
+            if durable.is_out_of_space(exc):
+                raise OutOfSpace(f"cannot write to {self.temp_dir}: {exc.strerror}") from exc
+            raise
+        return self.ingest_file(temp, **kwargs)
+
+    # --- quarantine ------------------------------------------------------------
+
+    def quarantine(self, temp: Path, reason: str, *, calling_ae: str = "", source: str = "") -> Path | None:
+        """Keep the bytes of a rejected object with the reason beside them."""
+        stamp = now_local()
+        folder = self.quarantine_dir / stamp.strftime("%Y%m%d")
+        name = f"{stamp.strftime('%H%M%S-%f')}-{secrets.token_hex(3)}"
+        target = folder / f"{name}.dcm"
+        try:
+            durable.make_dirs_durable(folder)
+            durable.write_durable(
+                folder / f"{name}.txt",
+                (
+                    f"reason: {reason}\ncalling_ae: {calling_ae}\nsource: {source}\n"
+                    f"received_at: {stamp.isoformat(timespec='seconds')}\n"
+                ).encode("utf-8", "replace"),
+                self.temp_dir,
+            )
+            with open(temp, "rb") as fp:
+                os.fsync(fp.fileno())
+            durable.move_durable(temp, target)
+        except OSError as exc:
+            log.error("cannot quarantine %s (%s): %s", source or temp, reason, exc)
+            _discard(temp)
+            return None
+        log.warning("rejected %s from %s: %s; bytes kept in %s", source or "object",
+                    calling_ae or "-", reason, target)
+        return target
+
+    # --- locking ---------------------------------------------------------------
+
+    @contextmanager
+    def _instance_lock(self, sop_instance_uid: str) -> Iterator[None]:
+        """Serialise work on one SOP Instance UID across threads and processes."""
+        stripe = zlib.crc32(sop_instance_uid.encode("utf-8", "replace")) % LOCK_STRIPES
+        fd = os.open(self.lock_dir / f"{stripe:02d}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
+def _sha256(fp: BinaryIO) -> str:
+    fp.seek(0)
+    return hashlib.file_digest(fp, "sha256").hexdigest()
+
+
+def _discard(path: Path) -> None:
+    with suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _is_space_error(exc: BaseException) -> bool:
+    if isinstance(exc, sqlite3.OperationalError):
+        text = str(exc).lower()
+        return "disk is full" in text or "disk i/o" in text or "readonly" in text
+    return durable.is_out_of_space(exc)
+
+
+def _write_part10_from_raw(src: BinaryIO, temp: Path) -> None:
+    """Give a raw dataset (no preamble, no file meta) a Part 10 header."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = pydicom.dcmread(src, force=True)
+            ds.SOPInstanceUID  # noqa: B018 - identity must be readable
+            ds.SOPClassUID  # noqa: B018
+        except Exception as exc:
+            raise UnreadableObject(f"not a DICOM file: {exc}") from None
+    if len(ds) == 0:
+        raise UnreadableObject("not a DICOM file")
+    implicit, little = ds.original_encoding
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if implicit:
+        meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    elif little:
+        meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    else:
+        meta.TransferSyntaxUID = pydicom.uid.ExplicitVRBigEndian
+    ds.file_meta = meta
+    ds.save_as(temp, enforce_file_format=True)

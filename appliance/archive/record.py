@@ -1,0 +1,113 @@
+"""What the index keeps of an instance, read from its DICOM header.
+
+The attributes are the ones a field engineer searches by when a doctor calls
+("the chest X-ray of patient 12345 from Tuesday"). Names are decoded with the
+dataset's Specific Character Set (ISO 2022 IR 87 / IR 13, ISO_IR 192 ...) by
+pydicom, so 山田^太郎 is stored and searched as text, not as escape bytes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from appliance.dicom.structure import IncompleteDataset, check_part10
+
+
+class UnreadableObject(ValueError):
+    """The object cannot be archived: not DICOM, truncated, or missing identity."""
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    patient_id: str
+    patient_name: str
+    birth_date: str
+    sex: str
+    study_instance_uid: str
+    accession_number: str
+    study_date: str
+    study_time: str
+    study_description: str
+    series_instance_uid: str
+    modality: str
+    series_number: str
+    station_name: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    instance_number: str
+    transfer_syntax_uid: str
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value).strip().replace("\x00", "")
+
+
+IMAGE_MARKERS = ("Rows", "Columns")
+
+
+def read_record(fp: BinaryIO, size: int, source: str) -> tuple[InstanceRecord, Dataset]:
+    """Check the Part 10 file in `fp` is complete and read its index record.
+
+    `source` names the object in error messages (a file, a sender).
+    Raises UnreadableObject with a reason a field engineer can act on.
+    """
+    try:
+        walk = check_part10(fp, size)
+    except IncompleteDataset as exc:
+        raise UnreadableObject(f"{source}: {exc}") from None
+    fp.seek(0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(fp, stop_before_pixels=True)
+            ds.decode()  # apply the Specific Character Set to every text value now
+    except Exception as exc:  # pydicom raises many types for bad input
+        raise UnreadableObject(f"{source}: DICOM header cannot be parsed: {exc}") from None
+    if all(k in ds for k in IMAGE_MARKERS) and not walk.has_pixel_data:
+        raise UnreadableObject(f"{source}: image has Rows/Columns but no pixel data (truncated?)")
+    try:
+        record = InstanceRecord(
+            patient_id=_text(ds, "PatientID"),
+            patient_name=_text(ds, "PatientName"),
+            birth_date=_text(ds, "PatientBirthDate"),
+            sex=_text(ds, "PatientSex"),
+            study_instance_uid=_text(ds, "StudyInstanceUID"),
+            accession_number=_text(ds, "AccessionNumber"),
+            study_date=_text(ds, "StudyDate"),
+            study_time=_text(ds, "StudyTime"),
+            study_description=_text(ds, "StudyDescription"),
+            series_instance_uid=_text(ds, "SeriesInstanceUID"),
+            modality=_text(ds, "Modality"),
+            series_number=_text(ds, "SeriesNumber"),
+            station_name=_text(ds, "StationName"),
+            sop_class_uid=_text(ds, "SOPClassUID"),
+            sop_instance_uid=_text(ds, "SOPInstanceUID"),
+            instance_number=_text(ds, "InstanceNumber"),
+            transfer_syntax_uid=str(walk.transfer_syntax),
+        )
+    except Exception as exc:
+        raise UnreadableObject(f"{source}: DICOM header has invalid values: {exc}") from None
+    missing = [
+        name
+        for name in ("sop_instance_uid", "sop_class_uid", "study_instance_uid", "series_instance_uid")
+        if not getattr(record, name)
+    ]
+    if missing:
+        raise UnreadableObject(f"{source}: required attribute(s) missing: {', '.join(missing)}")
+    return record, ds
+
+
+def read_record_from_path(path: Path, source: str | None = None) -> tuple[InstanceRecord, Dataset]:
+    with open(path, "rb") as fp:
+        return read_record(fp, path.stat().st_size, source or str(path))

@@ -1,0 +1,114 @@
+"""`appliance ...`: the services and the field engineer's commands, in one tool.
+
+    appliance run                 start every enabled service and keep them alive
+    appliance dicom               the DICOM receiver alone (what its systemd unit runs)
+    appliance status [--json]     what is running, images today, disk space
+    appliance find [...] [--json] which images the gateway holds, and where
+    appliance import PATH...      bring DICOM files in (a CD, a USB stick, a folder)
+    appliance config show|check   the settings in force / check a file before use
+
+The configuration comes from --config FILE, else $APPLIANCE_CONFIG, else the
+embedded defaults. A configuration error stops every command with a message
+naming the file and key, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from appliance import __version__, config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="appliance",
+        description="DICOM gateway appliance: receive, archive, forward and keep images safe.",
+    )
+    parser.add_argument("--config", metavar="FILE",
+                        help=f"configuration file (default: ${config.CONFIG_ENV}, else built-in defaults)")
+    parser.add_argument("--version", action="version", version=f"appliance {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    commands.add_parser("run", help="start every enabled service and keep them running")
+    commands.add_parser("dicom", help="run the DICOM receiver (Verification + Storage SCP)")
+
+    status = commands.add_parser("status", help="what is running, images today, disk space")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    find = commands.add_parser("find", help="list archived images matching criteria")
+    find.add_argument("--patient-id", metavar="ID")
+    find.add_argument("--patient-name", metavar="TEXT", help="part of any name group (kanji, kana too)")
+    find.add_argument("--study-date", metavar="YYYYMMDD", help="a date or a range YYYYMMDD-YYYYMMDD")
+    find.add_argument("--modality", metavar="M", help="CR, CT, MR, US, ...")
+    find.add_argument("--accession", metavar="NUMBER")
+    find.add_argument("--study", metavar="UID", help="Study Instance UID")
+    find.add_argument("--limit", type=int, metavar="N")
+    find.add_argument("--json", action="store_true", help="one JSON object per image")
+
+    imp = commands.add_parser("import", help="archive DICOM files or folders (a CD, a USB stick)")
+    imp.add_argument("paths", nargs="+", metavar="PATH")
+    imp.add_argument("--json", action="store_true", help="print only a JSON summary")
+
+    cfg = commands.add_parser("config", help="show the settings in force, or check a file")
+    cfg.add_argument("action", choices=["show", "check"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = config.load(args.config)
+    except config.ConfigError as exc:
+        print(f"appliance: configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _dispatch(args, settings)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
+    if args.command == "run":
+        from appliance.supervisor import Supervisor
+
+        return Supervisor(settings, args.config).run()
+    if args.command == "config":
+        if args.action == "show":
+            print(f"# settings in force, from {settings.source}")
+            print(config.to_toml(settings), end="")
+        else:
+            print(f"{settings.source}: configuration is valid")
+        return 0
+    if args.command == "status":
+        from appliance.commands import status
+
+        return status.main(settings, args.json)
+    if args.command == "find":
+        from appliance.commands import find
+
+        try:
+            return find.main(
+                settings,
+                args.json,
+                patient_id=args.patient_id,
+                patient_name=args.patient_name,
+                study_date=args.study_date,
+                modality=args.modality,
+                accession_number=args.accession,
+                study_instance_uid=args.study,
+                limit=args.limit,
+            )
+        except find.UsageError as exc:
+            print(f"appliance find: {exc}", file=sys.stderr)
+            return 2
+    if args.command == "import":
+        from appliance.commands import importer
+
+        return importer.main(settings, args.paths, args.json)
+    from appliance.services import SERVICES
+
+    return SERVICES[args.command].main(settings)

@@ -1,0 +1,122 @@
+"""`appliance status`: what is running, images today, disk space.
+
+The first thing a field engineer types over SSH. It reads only what the
+services publish (their state files under <data_dir>/run) and the index, so
+it works whether the services run under systemd or `appliance run`, and
+even when they are down.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from appliance.archive.index import Index
+from appliance.config import Settings
+from appliance.processes import pid_alive
+from appliance.service import state_dir
+from appliance.services import SERVICES, enabled_services
+
+
+def service_states(settings: Settings) -> list[dict[str, Any]]:
+    """One entry per known service: running, stale (hung), stopped or disabled."""
+    enabled = {spec.name for spec in enabled_services(settings)}
+    states = []
+    for name in SERVICES:
+        entry: dict[str, Any] = {"service": name, "enabled": name in enabled, "state": "stopped"}
+        path = state_dir(settings) / f"{name}.json"
+        try:
+            published = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            published = None
+        if published:
+            entry.update({k: v for k, v in published.items() if k not in ("service", "status")})
+            age = time.time() - float(published.get("heartbeat_at", 0))
+            entry["heartbeat_age_seconds"] = round(age, 1)
+            alive = pid_alive(int(published.get("pid", 0)))
+            if published.get("status") == "stopped" or not alive:
+                entry["state"] = "stopped"
+            elif age > 3 * float(published.get("heartbeat_seconds", 5)):
+                entry["state"] = "not responding"
+            else:
+                entry["state"] = published.get("status", "running")
+        elif name not in enabled:
+            entry["state"] = "disabled"
+        states.append(entry)
+    return states
+
+
+def disk_usage(path: Path) -> dict[str, int]:
+    usage = shutil.disk_usage(path)
+    return {"total_bytes": usage.total, "used_bytes": usage.used, "free_bytes": usage.free}
+
+
+def collect(settings: Settings) -> dict[str, Any]:
+    data_dir = settings.data_dir
+    report: dict[str, Any] = {
+        "ae_title": settings.node.ae_title,
+        "dicom_port": settings.node.dicom_port,
+        "data_dir": str(data_dir),
+        "configuration": settings.source,
+        "services": service_states(settings),
+    }
+    index_path = data_dir / "index.sqlite"
+    today = dt.date.today()
+    if index_path.exists():
+        report["archive"] = Index(index_path, create=False).counts(today.isoformat())
+    else:
+        report["archive"] = {"instances": 0, "bytes": 0, "instances_today": 0, "bytes_today": 0}
+    quarantine_today = data_dir / "quarantine" / today.strftime("%Y%m%d")
+    report["archive"]["rejected_today"] = (
+        len(list(quarantine_today.glob("*.dcm"))) if quarantine_today.is_dir() else 0
+    )
+    report["disk"] = disk_usage(data_dir if data_dir.exists() else data_dir.parent)
+    report["disk"]["min_free_bytes"] = settings.node.min_free_mb * 1_000_000
+    return report
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = [
+        f"Gateway {report['ae_title']} on DICOM port {report['dicom_port']}",
+        f"  configuration: {report['configuration']}",
+        f"  data:          {report['data_dir']}",
+        "",
+        "Services:",
+    ]
+    for entry in report["services"]:
+        detail = ""
+        if entry["state"] in ("running", "unhealthy", "not responding"):
+            detail = f"  pid {entry.get('pid')}"
+            if "associations" in entry:
+                detail += f", {entry['associations']} association(s) open"
+        lines.append(f"  {entry['service']:<10} {entry['state']}{detail}")
+    archive = report["archive"]
+    disk = report["disk"]
+    lines += [
+        "",
+        f"Images today:  {archive['instances_today']} ({_size(archive['bytes_today'])}), "
+        f"rejected today: {archive['rejected_today']}",
+        f"Archive:       {archive['instances']} images ({_size(archive['bytes'])})",
+        f"Disk:          {_size(disk['free_bytes'])} free of {_size(disk['total_bytes'])}",
+    ]
+    if disk["free_bytes"] < disk["min_free_bytes"]:
+        lines.append("  WARNING: free space is below [node] min_free_mb; new images are refused")
+    return "\n".join(lines)
+
+
+def main(settings: Settings, as_json: bool) -> int:
+    report = collect(settings)
+    print(json.dumps(report, indent=2, ensure_ascii=False) if as_json else render(report))
+    return 0

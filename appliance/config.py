@@ -1,0 +1,252 @@
+"""One TOML file -> typed, validated settings.
+
+Like Klipper, one configuration file whose sections switch parts of the
+appliance on; each part reads only its own section. With no file at all the
+embedded defaults serve, so `make run` on a fresh clone just works.
+
+A wrong key, type or value must stop start-up with a message a field engineer
+can act on: which file, which key, what is allowed. A typo silently ignored is
+how a gateway ends up sending images nowhere for a week.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_ENV = "APPLIANCE_CONFIG"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says where and why."""
+
+
+# --- value checks -------------------------------------------------------------
+
+
+def check_ae_title(value: str) -> str | None:
+    if not value.strip():
+        return "an AE title must not be empty"
+    if len(value) > 16:
+        return f"an AE title has at most 16 characters, this one has {len(value)}"
+    if not value.isascii() or "\\" in value or any(ord(c) < 32 for c in value):
+        return "an AE title uses printable ASCII characters without backslash"
+    return None
+
+
+def check_port(value: int) -> str | None:
+    return None if 1 <= value <= 65535 else "a TCP port is a number from 1 to 65535"
+
+
+def check_positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def check_not_negative(value: float) -> str | None:
+    return None if value >= 0 else "must be 0 or more"
+
+
+def check_ae_titles(value: tuple[str, ...]) -> str | None:
+    for title in value:
+        problem = check_ae_title(title)
+        if problem:
+            return f"{title!r}: {problem}"
+    return None
+
+
+def check_log_level(value: str) -> str | None:
+    allowed = ("DEBUG", "INFO", "WARNING", "ERROR")
+    return None if value.upper() in allowed else f"one of {', '.join(allowed)}"
+
+
+def _checked(default: Any, check: Callable[[Any], str | None] | None = None, doc: str = ""):
+    """A dataclass field with a validation function and a one-line description."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use tuples for defaults")
+    return field(default=default, metadata={"check": check, "doc": doc})
+
+
+# --- sections -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """[node]: who this gateway is on the modality LAN and where it keeps data."""
+
+    ae_title: str = _checked("GATEWAY", check_ae_title, "our AE title")
+    dicom_port: int = _checked(11112, check_port, "TCP port of the DICOM service")
+    data_dir: Path = _checked(
+        Path("./var"), None, "archive, index, quarantine; relative paths are from the cwd"
+    )
+    allowed_callers: tuple[str, ...] = _checked(
+        (), check_ae_titles, "calling AE titles allowed to connect; empty = accept any"
+    )
+    bind_address: str = _checked("0.0.0.0", None, "address the DICOM service listens on")
+    max_associations: int = _checked(16, check_positive, "simultaneous associations")
+    acse_timeout: float = _checked(30.0, check_positive, "seconds to wait for association")
+    dimse_timeout: float = _checked(120.0, check_positive, "seconds to wait for a DIMSE msg")
+    network_timeout: float = _checked(120.0, check_positive, "idle seconds before closing")
+    max_pdu: int = _checked(262144, check_not_negative, "largest PDU we accept (0 = any)")
+    min_free_mb: int = _checked(
+        100, check_not_negative, "refuse new images (0xA700) below this free space"
+    )
+    log_level: str = _checked("INFO", check_log_level, "DEBUG, INFO, WARNING or ERROR")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All sections. `source` names the file they came from, for messages."""
+
+    node: NodeSettings = field(default_factory=NodeSettings)
+    source: str = "embedded defaults"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.node.data_dir
+
+
+SECTIONS: dict[str, type] = {"node": NodeSettings}
+
+
+# --- loading ------------------------------------------------------------------
+
+
+def _type_name(hint: Any) -> str:
+    if hint is Path:
+        return "a path string"
+    if typing.get_origin(hint) is tuple:
+        return "a list of strings"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
+        hint, str(hint)
+    )
+
+
+def _coerce(hint: Any, value: Any) -> Any:
+    """Return `value` as `hint`, or raise TypeError. TOML already typed it."""
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif hint is Path:
+        if isinstance(value, str) and value:
+            return Path(value)
+    elif (
+        typing.get_origin(hint) is tuple
+        and isinstance(value, list)
+        and all(isinstance(v, str) for v in value)
+    ):
+        return tuple(value)
+    raise TypeError
+
+
+def build_section(cls: type, table: Any, source: str, name: str) -> Any:
+    """Build one section dataclass from its TOML table, checking every key."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: [{name}] must be a table of settings")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, raw in table.items():
+        if key not in fields:
+            allowed = ", ".join(sorted(fields))
+            raise ConfigError(f"{source}: [{name}] has unknown key {key!r}; allowed keys: {allowed}")
+        hint = hints[key]
+        if isinstance(hint, types.UnionType):
+            hint = typing.get_args(hint)[0]
+        try:
+            value = _coerce(hint, raw)
+        except TypeError:
+            raise ConfigError(
+                f"{source}: [{name}] {key} = {raw!r} has the wrong type; expected {_type_name(hint)}"
+            ) from None
+        check = fields[key].metadata.get("check")
+        problem = check(value) if check else None
+        if problem:
+            raise ConfigError(f"{source}: [{name}] {key} = {raw!r} is not allowed: {problem}")
+        values[key] = value
+    return cls(**values)
+
+
+def parse(text: str, source: str) -> Settings:
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    sections: dict[str, Any] = {}
+    for name, table in document.items():
+        if name not in SECTIONS:
+            allowed = ", ".join(f"[{s}]" for s in SECTIONS)
+            raise ConfigError(f"{source}: unknown section [{name}]; allowed sections: {allowed}")
+        sections[name] = build_section(SECTIONS[name], table, source, name)
+    settings = Settings(**sections, source=source)
+    return _absolute(settings)
+
+
+def _absolute(settings: Settings) -> Settings:
+    """Resolve data_dir now, so child services started elsewhere agree on it."""
+    node = dataclasses.replace(settings.node, data_dir=settings.node.data_dir.expanduser().resolve())
+    return dataclasses.replace(settings, node=node)
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Load settings from `path`, else $APPLIANCE_CONFIG, else embedded defaults."""
+    chosen = path if path is not None else os.environ.get(CONFIG_ENV) or None
+    if chosen is None:
+        return _absolute(Settings())
+    file = Path(chosen)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"configuration file {file} does not exist; check --config or ${CONFIG_ENV}"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"configuration file {file} cannot be read: {exc}") from None
+    return parse(text, str(file))
+
+
+def describe() -> list[tuple[str, str, Any, str]]:
+    """(section, key, default, description) for every setting: README and `config show`."""
+    rows = []
+    for name, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            rows.append((name, f.name, f.default, f.metadata.get("doc", "")))
+    return rows
+
+
+def to_toml(settings: Settings) -> str:
+    """The settings in force, as TOML a field engineer can copy into a file."""
+    lines: list[str] = []
+    for name in SECTIONS:
+        section = getattr(settings, name)
+        lines.append(f"[{name}]")
+        for f in dataclasses.fields(section):
+            lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'

@@ -1,0 +1,24 @@
+"""`appliance dicom`: the DICOM receiver as a service."""
+
+from __future__ import annotations
+
+from appliance.archive.ingest import Archive
+from appliance.config import Settings
+from appliance.dicom.scp import DicomService
+from appliance.service import ServiceShell
+
+
+def run(settings: Settings) -> int:
+    shell = ServiceShell("dicom", settings)
+    node = settings.node
+    archive = Archive(node.data_dir, min_free_bytes=node.min_free_mb * 1_000_000)
+    archive.cleanup_temp()
+    service = DicomService(node, archive)
+    service.start()
+    shell.ready(f"{node.ae_title} listening on port {node.dicom_port}")
+    try:
+        shell.serve(state=service.state, healthy=lambda: service.server is not None)
+    finally:
+        service.stop(grace=max(5.0, min(node.dimse_timeout, 30.0)))
+        shell.stopped(service.state())
+    return 0

@@ -1,0 +1,38 @@
+"""Which daemons make up the appliance, and which of them a configuration enables.
+
+`appliance run` (a developer's desk) and the systemd units (the appliance
+image) both start services from this table, so a new daemon is one entry here
+plus its section in the configuration file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from appliance.config import Settings
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    description: str
+    enabled: Callable[[Settings], bool]
+    main: Callable[[Settings], int]
+
+
+def _dicom_main(settings: Settings) -> int:
+    from appliance.dicom.service import run
+
+    return run(settings)
+
+
+SERVICES: dict[str, ServiceSpec] = {
+    "dicom": ServiceSpec(
+        "dicom", "Verification and Storage SCP into the archive", lambda s: True, _dicom_main
+    ),
+}
+
+
+def enabled_services(settings: Settings) -> list[ServiceSpec]:
+    return [spec for spec in SERVICES.values() if spec.enabled(settings)]
