@@ -1,0 +1,181 @@
+"""Shared fixtures: the real appliance service, real DCMTK peers, on loopback.
+
+`appliance` starts `python -m appliance dicom` as a child process with its own
+configuration file and data_dir, waits until it answers C-ECHO, and stops it
+with SIGTERM afterwards (checking it exits cleanly). DCMTK tools run with
+TCP_NODELAY=1 (NOTES.md: Nagle otherwise caps them at ~20 images/s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from pydicom.data import get_testdata_file
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_FILES = Path(get_testdata_file("CT_small.dcm")).parent
+CHARSET_FILES = Path(get_testdata_file("chrH31.dcm")).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def dcmtk_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["TCP_NODELAY"] = "1"
+    return env
+
+
+def write_config(path: Path, node: dict[str, object]) -> Path:
+    lines = ["[node]"]
+    for key, value in node.items():
+        if isinstance(value, str | Path):
+            lines.append(f'{key} = "{value}"')
+        elif isinstance(value, bool):
+            lines.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, list | tuple):
+            lines.append(f"{key} = [" + ", ".join(f'"{v}"' for v in value) + "]")
+        else:
+            lines.append(f"{key} = {value}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def run_cli(config: Path, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "appliance", "--config", str(config), *args],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"appliance {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+def find_json(config: Path, *args: str) -> list[dict]:
+    out = run_cli(config, "find", "--json", *args).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def echo(port: int, aet: str = "ECHOSCU", aec: str = "GATEWAY", timeout: float = 10) -> int:
+    return subprocess.run(
+        ["echoscu", "-aet", aet, "-aec", aec, "-to", "5", "127.0.0.1", str(port)],
+        env=dcmtk_env(), capture_output=True, timeout=timeout,
+    ).returncode
+
+
+def storescu(port: int, files: list[Path], *options: str, aet: str = "STORESCU",
+             timeout: float = 300) -> subprocess.CompletedProcess:
+    """Send `files` over one association; options e.g. ('-xv',) pick the proposal."""
+    return subprocess.run(
+        ["storescu", "-aet", aet, "-aec", "GATEWAY", "-v", *options, "127.0.0.1", str(port),
+         *[str(f) for f in files]],
+        env=dcmtk_env(), capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@dataclass
+class ApplianceProcess:
+    """A running `appliance dicom` with its configuration and data directory."""
+
+    config: Path
+    data_dir: Path
+    port: int
+    log_path: Path
+    process: subprocess.Popen | None = None
+    node: dict[str, object] = field(default_factory=dict)
+
+    def start(self, wait: float = 30.0) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - kept open by the child
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "appliance", "--config", str(self.config), "dicom"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+        )
+        log.close()
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"appliance dicom exited {self.process.returncode}:\n{self.log()}")
+            if echo(self.port, aet="PROBE") == 0:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"appliance dicom did not answer C-ECHO in {wait} s:\n{self.log()}")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"appliance dicom ignored SIGTERM for {timeout} s:\n{self.log()}") from None
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+
+    def find(self, *args: str) -> list[dict]:
+        return find_json(self.config, *args)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return run_cli(self.config, *args, check=check)
+
+
+@pytest.fixture
+def make_appliance(tmp_path: Path) -> Iterator:
+    """Factory: make_appliance(data_dir=..., **node settings) -> started ApplianceProcess."""
+    started: list[ApplianceProcess] = []
+
+    def factory(data_dir: Path | None = None, start: bool = True, **node: object) -> ApplianceProcess:
+        port = free_port()
+        data_dir = data_dir or tmp_path / f"data{len(started)}"
+        settings = {"dicom_port": port, "data_dir": str(data_dir), "min_free_mb": 1,
+                    "bind_address": "127.0.0.1", **node}
+        config = write_config(tmp_path / f"appliance{len(started)}.toml", settings)
+        proc = ApplianceProcess(config, data_dir, port, tmp_path / f"appliance{len(started)}.log",
+                                node=settings)
+        started.append(proc)
+        if start:
+            proc.start()
+        return proc
+
+    yield factory
+    for proc in started:
+        if proc.process is not None and proc.process.poll() is None:
+            code = proc.stop()
+            assert code == 0, f"appliance dicom exited {code} on SIGTERM:\n{proc.log()}"
+
+
+@pytest.fixture
+def appliance(make_appliance) -> ApplianceProcess:
+    return make_appliance()
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The encoded dataset of a Part 10 file, after its file meta information."""
+    import pydicom
+
+    with open(path, "rb") as fp:
+        pydicom.filereader.read_preamble(fp, force=False)
+        pydicom.filereader._read_file_meta_info(fp)
+        return fp.read()
