@@ -24,7 +24,7 @@ from pydicom.data import get_testdata_file
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_FILES = Path(get_testdata_file("CT_small.dcm")).parent
-CHARSET_FILES = Path(get_testdata_file("chrH31.dcm")).parent
+CHARSET_FILES = TEST_FILES.parent / "charset_files"
 
 
 def free_port() -> int:

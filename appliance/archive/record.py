@@ -8,6 +8,8 @@ pydicom, so 山田^太郎 is stored and searched as text, not as escape bytes.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,8 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from appliance.dicom.structure import IncompleteDataset, check_part10
+
+log = logging.getLogger("appliance.archive")
 
 
 class UnreadableObject(ValueError):
@@ -50,7 +54,7 @@ def _text(ds: Dataset, keyword: str) -> str:
         return ""
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
         return "\\".join(str(v) for v in value)
-    return str(value).strip().replace("\x00", "")
+    return str(value).strip(" \x00")  # trailing NULs are padding; inner ones are kept
 
 
 IMAGE_MARKERS = ("Rows", "Columns")
@@ -98,14 +102,35 @@ def read_record(fp: BinaryIO, size: int, source: str) -> tuple[InstanceRecord, D
         )
     except Exception as exc:
         raise UnreadableObject(f"{source}: DICOM header has invalid values: {exc}") from None
-    missing = [
-        name
-        for name in ("sop_instance_uid", "sop_class_uid", "study_instance_uid", "series_instance_uid")
-        if not getattr(record, name)
-    ]
-    if missing:
-        raise UnreadableObject(f"{source}: required attribute(s) missing: {', '.join(missing)}")
-    return record, ds
+    return _with_identity(record, ds, source), ds
+
+
+MISSING_PREFIX = "missing:"
+
+
+def _with_identity(record: InstanceRecord, ds: Dataset, source: str) -> InstanceRecord:
+    """Fill identity gaps instead of failing the sender.
+
+    Only an object whose SOP Instance UID is unknown (in the dataset and in its
+    file meta) is refused: it cannot be told apart from any other. A missing
+    SOP Class UID is taken from the file meta; a missing Study or Series
+    Instance UID becomes a placeholder key "missing:<SOP Instance UID>" so the
+    object is archived and findable, and a warning is logged.
+    """
+    meta = getattr(ds, "file_meta", None)
+    changes: dict[str, str] = {}
+    if not record.sop_instance_uid and meta is not None:
+        changes["sop_instance_uid"] = _text(meta, "MediaStorageSOPInstanceUID")
+    if not record.sop_class_uid and meta is not None:
+        changes["sop_class_uid"] = _text(meta, "MediaStorageSOPClassUID")
+    sop_uid = changes.get("sop_instance_uid", record.sop_instance_uid)
+    if not sop_uid:
+        raise UnreadableObject(f"{source}: no SOP Instance UID in the dataset or its file meta")
+    for name in ("study_instance_uid", "series_instance_uid"):
+        if not getattr(record, name):
+            changes[name] = MISSING_PREFIX + sop_uid
+            log.warning("%s: %s is missing; indexed under %s", source, name, changes[name])
+    return dataclasses.replace(record, **changes) if changes else record
 
 
 def read_record_from_path(path: Path, source: str | None = None) -> tuple[InstanceRecord, Dataset]:
