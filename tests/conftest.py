@@ -54,7 +54,9 @@ def write_config(path: Path, node: dict[str, object]) -> Path:
     return path
 
 
-def run_cli(config: Path, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_cli(
+    config: Path, *args: str, check: bool = True, timeout: float = 120
+) -> subprocess.CompletedProcess:
     result = subprocess.run(
         [sys.executable, "-m", "appliance", "--config", str(config), *args],
         capture_output=True, text=True, timeout=timeout, cwd=REPO,

@@ -38,7 +38,7 @@ def test_hostile_ids_stay_inside_the_archive(patient_id: str) -> None:
 
 
 def test_different_ids_never_share_a_folder() -> None:
-    ids = HOSTILE + ["../../etd", "x" * 299, "x" * 301, "山田花子", "ID\x00Y", "ID_X", "a_b", "a b"]
+    ids = [*HOSTILE, "../../etd", "x" * 299, "x" * 301, "山田花子", "ID\x00Y", "ID_X", "a_b", "a b"]
     folders = {}
     for patient_id in ids:
         folder = safe_component(patient_id, "NOID")
