@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS instances (
     path TEXT NOT NULL,
     size INTEGER NOT NULL,
     sha256 TEXT NOT NULL,
+    dataset_sha256 TEXT NOT NULL DEFAULT '',
     calling_ae TEXT NOT NULL DEFAULT '',
     source TEXT NOT NULL DEFAULT '',
     received_at TEXT NOT NULL
@@ -70,7 +71,7 @@ CREATE INDEX IF NOT EXISTS instances_received ON instances(received_at);
 
 INSTANCE_VIEW = """
 SELECT i.sop_instance_uid, i.sop_class_uid, i.instance_number, i.transfer_syntax_uid,
-       i.path, i.size, i.sha256, i.calling_ae, i.source, i.received_at,
+       i.path, i.size, i.sha256, i.dataset_sha256, i.calling_ae, i.source, i.received_at,
        se.series_instance_uid, se.modality, se.series_number, se.station_name,
        st.study_instance_uid, st.accession_number, st.study_date, st.study_time,
        st.study_description,
@@ -145,6 +146,7 @@ class Index:
         path: str,
         size: int,
         sha256: str,
+        dataset_sha256: str,
         calling_ae: str,
         source: str,
         received_at: str,
@@ -189,19 +191,21 @@ class Index:
         ).fetchone()[0]
         return conn.execute(
             """INSERT INTO instances (sop_instance_uid, series_ref, sop_class_uid,
-                 instance_number, transfer_syntax_uid, path, size, sha256, calling_ae,
-                 source, received_at)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                 instance_number, transfer_syntax_uid, path, size, sha256, dataset_sha256,
+                 calling_ae, source, received_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT(sop_instance_uid) DO UPDATE SET
                  series_ref = excluded.series_ref, sop_class_uid = excluded.sop_class_uid,
                  instance_number = excluded.instance_number,
                  transfer_syntax_uid = excluded.transfer_syntax_uid, path = excluded.path,
                  size = excluded.size, sha256 = excluded.sha256,
-                 calling_ae = excluded.calling_ae, source = excluded.source,
+                 dataset_sha256 = excluded.dataset_sha256, calling_ae = excluded.calling_ae,
+                 source = excluded.source,
                  received_at = excluded.received_at
                RETURNING id""",
             (record.sop_instance_uid, series, record.sop_class_uid, record.instance_number,
-             record.transfer_syntax_uid, path, size, sha256, calling_ae, source, received_at),
+             record.transfer_syntax_uid, path, size, sha256, dataset_sha256, calling_ae, source,
+             received_at),
         ).fetchone()[0]
 
     # --- reading ---------------------------------------------------------------

@@ -146,10 +146,10 @@ class Archive:
             self.check_space(size)
             with open(temp, "rb") as fp:
                 try:
-                    record, _ = read_record(fp, size, source or temp.name)
+                    record, walk = read_record(fp, size, source or temp.name)
                 except UnreadableObject as exc:
                     raise Rejected(str(exc), None) from None
-                digest = _sha256(fp)
+                digest = _digests(fp, walk.dataset_offset)
                 os.fsync(fp.fileno())
         except Rejected as exc:
             quarantined = self.quarantine(temp, exc.reason, calling_ae=calling_ae, source=source)
@@ -169,7 +169,7 @@ class Archive:
         self,
         temp: Path,
         record: InstanceRecord,
-        digest: str,
+        digest: Digests,
         size: int,
         calling_ae: str,
         source: str,
@@ -186,9 +186,9 @@ class Archive:
         existing = self.index.instance(record.sop_instance_uid)
         if existing is not None:
             old_path = self.data_dir / existing["path"]
-            if existing["sha256"] == digest and old_path.is_file():
+            if existing["dataset_sha256"] == digest.dataset and old_path.is_file():
                 _discard(temp)
-                return Stored("duplicate", record, old_path, digest, size)
+                return Stored("duplicate", record, old_path, existing["sha256"], size)
         set_aside: tuple[Path, Path] | None = None
         placed = False
         try:
@@ -204,7 +204,8 @@ class Archive:
                     record,
                     path=str(target.relative_to(self.data_dir)),
                     size=size,
-                    sha256=digest,
+                    sha256=digest.file,
+                    dataset_sha256=digest.dataset,
                     calling_ae=calling_ae,
                     source=source,
                     received_at=received.isoformat(timespec="milliseconds"),
@@ -224,8 +225,8 @@ class Archive:
                 "new file %s, previous one kept as %s",
                 record.sop_instance_uid, calling_ae or source, target, set_aside[0],
             )
-            return Stored("replaced", record, target, digest, size)
-        return Stored("stored", record, target, digest, size)
+            return Stored("replaced", record, target, digest.file, size)
+        return Stored("stored", record, target, digest.file, size)
 
     def ingest_bytes(self, data: bytes, **kwargs) -> Stored:
         """Archive a Part 10 byte string (a dicomizer's output, a test)."""
@@ -303,8 +304,7 @@ class Archive:
             log.error("cannot quarantine %s (%s): %s", source or temp, reason, exc)
             _discard(temp)
             return None
-        log.warning("rejected %s from %s: %s; bytes kept in %s", source or "object",
-                    calling_ae or "-", reason, target)
+        log.warning("rejected object (%s); bytes kept in %s", reason, target)
         return target
 
     # --- locking ---------------------------------------------------------------
@@ -321,9 +321,30 @@ class Archive:
             os.close(fd)
 
 
-def _sha256(fp: BinaryIO) -> str:
+@dataclass(frozen=True)
+class Digests:
+    """sha256 of the whole file (to verify copies) and of the dataset alone.
+
+    Two files of the same instance that differ only in their file meta (one
+    from C-STORE, one from a CD) hold the same image: the dataset digest
+    decides "received again, identical".
+    """
+
+    file: str
+    dataset: str
+
+
+def _digests(fp: BinaryIO, dataset_offset: int) -> Digests:
     fp.seek(0)
-    return hashlib.file_digest(fp, "sha256").hexdigest()
+    whole = hashlib.sha256()
+    dataset = hashlib.sha256()
+    position = 0
+    while chunk := fp.read(1 << 20):
+        whole.update(chunk)
+        if position + len(chunk) > dataset_offset:
+            dataset.update(chunk[max(0, dataset_offset - position):])
+        position += len(chunk)
+    return Digests(whole.hexdigest(), dataset.hexdigest())
 
 
 def _discard(path: Path) -> None:

@@ -18,7 +18,7 @@ from typing import BinaryIO
 import pydicom
 from pydicom.dataset import Dataset
 
-from appliance.dicom.structure import IncompleteDataset, check_part10
+from appliance.dicom.structure import IncompleteDataset, Walk, check_part10
 
 log = logging.getLogger("appliance.archive")
 
@@ -60,7 +60,7 @@ def _text(ds: Dataset, keyword: str) -> str:
 IMAGE_MARKERS = ("Rows", "Columns")
 
 
-def read_record(fp: BinaryIO, size: int, source: str) -> tuple[InstanceRecord, Dataset]:
+def read_record(fp: BinaryIO, size: int, source: str) -> tuple[InstanceRecord, Walk]:
     """Check the Part 10 file in `fp` is complete and read its index record.
 
     `source` names the object in error messages (a file, a sender).
@@ -102,7 +102,7 @@ def read_record(fp: BinaryIO, size: int, source: str) -> tuple[InstanceRecord, D
         )
     except Exception as exc:
         raise UnreadableObject(f"{source}: DICOM header has invalid values: {exc}") from None
-    return _with_identity(record, ds, source), ds
+    return _with_identity(record, ds, source), walk
 
 
 MISSING_PREFIX = "missing:"
@@ -133,6 +133,6 @@ def _with_identity(record: InstanceRecord, ds: Dataset, source: str) -> Instance
     return dataclasses.replace(record, **changes) if changes else record
 
 
-def read_record_from_path(path: Path, source: str | None = None) -> tuple[InstanceRecord, Dataset]:
+def read_record_from_path(path: Path, source: str | None = None) -> tuple[InstanceRecord, Walk]:
     with open(path, "rb") as fp:
         return read_record(fp, path.stat().st_size, source or str(path))

@@ -148,10 +148,11 @@ def _walk_fragments(s: _Stream, label: str) -> None:
 
 @dataclass(frozen=True)
 class Walk:
-    """What the walk learned: the transfer syntax and the top-level tags."""
+    """What the walk learned: transfer syntax, top-level tags, where the dataset starts."""
 
     transfer_syntax: UID
     top_level_tags: frozenset[int]
+    dataset_offset: int
 
     @property
     def has_pixel_data(self) -> bool:
@@ -188,8 +189,9 @@ def check_part10(fp: BinaryIO, size: int) -> Walk:
             s.skip(length, "a file meta element")
     if not transfer_syntax:
         raise IncompleteDataset("file meta information has no Transfer Syntax UID (0002,0010)")
+    dataset_offset = fp.tell()
     seen = check_dataset(fp, size, UID(transfer_syntax))
-    return Walk(UID(transfer_syntax), frozenset(seen))
+    return Walk(UID(transfer_syntax), frozenset(seen), dataset_offset)
 
 
 def check_dataset(fp: BinaryIO, size: int, transfer_syntax: UID) -> set[int]:
