@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
@@ -175,9 +176,37 @@ def appliance(make_appliance) -> ApplianceProcess:
 
 def dataset_bytes(path: Path) -> bytes:
     """The encoded dataset of a Part 10 file, after its file meta information."""
-    import pydicom
-
     with open(path, "rb") as fp:
         pydicom.filereader.read_preamble(fp, force=False)
         pydicom.filereader._read_file_meta_info(fp)
         return fp.read()
+
+
+def synthetic_ct(directory: Path, count: int, size: int = 128, patient_id: str = "SYN001") -> list[Path]:
+    """`count` distinct CT images of one series (16-bit, `size`², Explicit VR LE)."""
+    import numpy as np
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    directory.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    rng = np.random.default_rng(count)
+    paths = []
+    for n in range(count):
+        ds = pydicom.Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.PatientID, ds.PatientName = patient_id, "Test^Synthetic"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.StudyDate, ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "20261123", "CT", 1, n + 1
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = rng.integers(0, 4096, (size, size), dtype=np.uint16).tobytes()
+        path = directory / f"ct{n:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
