@@ -143,3 +143,19 @@ def test_private_sop_class_is_stored(appliance, tmp_path: Path) -> None:
     assert _send_raw(appliance.port, [path]) == [0]
     (row,) = appliance.find()
     assert row["sop_class_uid"] == "1.2.392.200036.9116.7.8.1.1.1"
+
+
+def test_association_limit(make_appliance) -> None:
+    gateway = make_appliance(max_associations=2)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    held = [ae.associate("127.0.0.1", gateway.port, ae_title="GATEWAY") for _ in range(2)]
+    try:
+        assert all(a.is_established for a in held)
+        third = ae.associate("127.0.0.1", gateway.port, ae_title="GATEWAY")
+        assert third.is_rejected
+        assert "max_associations" in gateway.log()
+    finally:
+        for assoc in held:
+            assoc.release()
+    assert echo(gateway.port) == 0, "the limit frees up when associations close"

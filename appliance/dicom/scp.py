@@ -114,7 +114,10 @@ class DicomService:
                 f"({', '.join(self.node.allowed_callers)}); add it there to let it in"
             )
         else:
-            reason = "association rejected (no acceptable presentation context or too many associations)"
+            reason = (
+                f"{self.node.max_associations} associations are already open ([node] "
+                "max_associations); the sender should retry later"
+            )
         log.warning("rejected association from %s: %s", _peer(event), reason)
         self.counters.bump("associations_rejected", reason)
 
