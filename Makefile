@@ -6,6 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEB_STAMP := .deb-packages.stamp
+DEB_TEST_STAMP := .deb-packages-test.stamp
 PYTEST_ARGS ?=
 
 .PHONY: run test lint bench deps venv clean help
@@ -19,6 +20,10 @@ deps: $(DEB_STAMP)
 
 $(DEB_STAMP): scripts/debian-packages.txt scripts/ensure-debian-packages.sh
 	bash scripts/ensure-debian-packages.sh scripts/debian-packages.txt
+	touch $@
+
+$(DEB_TEST_STAMP): scripts/debian-packages-test.txt scripts/ensure-debian-packages.sh
+	bash scripts/ensure-debian-packages.sh scripts/debian-packages-test.txt
 	touch $@
 
 venv: $(STAMP)
@@ -35,11 +40,11 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check appliance tests bench
 
-test: lint
+test: lint $(DEB_TEST_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: $(STAMP) $(DEB_TEST_STAMP)
 	$(BIN)/python bench/receive.py
 
 clean:
-	rm -rf $(VENV) $(DEB_STAMP) .pytest_cache
+	rm -rf $(VENV) $(DEB_STAMP) $(DEB_TEST_STAMP) .pytest_cache

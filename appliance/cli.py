@@ -7,7 +7,8 @@
     appliance import PATH...      bring DICOM files in (a CD, a USB stick, a folder)
     appliance config show|check   the settings in force / check a file before use
 
-The configuration comes from --config FILE, else $APPLIANCE_CONFIG, else the
+The configuration comes from --config FILE, else $APPLIANCE_CONFIG, else
+/etc/appliance/appliance.toml when it exists (the appliance image), else the
 embedded defaults. A configuration error stops every command with a message
 naming the file and key, and exit code 2.
 """
@@ -15,9 +16,11 @@ naming the file and key, and exit code 2.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from appliance import __version__, config
+from appliance.archive.index import SchemaMismatch
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,13 +68,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return _dispatch(args, settings)
+    except SchemaMismatch as exc:
+        print(f"appliance: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return 0
 
 
+def _command_logging(quiet: bool) -> None:
+    """Field-engineer commands print their own report; log lines only for trouble."""
+    logging.basicConfig(
+        level=logging.ERROR if quiet else logging.WARNING,
+        format="appliance: %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
 def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
+    if args.command not in ("run", "dicom"):
+        _command_logging(quiet=getattr(args, "json", False))
     if args.command == "run":
         from appliance.supervisor import Supervisor
 

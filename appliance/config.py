@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_ENV = "APPLIANCE_CONFIG"
+# Where the appliance image keeps its configuration: a field engineer's
+# `appliance status` over SSH must look at the same data as the services.
+SYSTEM_CONFIG = Path("/etc/appliance/appliance.toml")
 
 
 class ConfigError(Exception):
@@ -204,8 +207,10 @@ def _absolute(settings: Settings) -> Settings:
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Settings:
-    """Load settings from `path`, else $APPLIANCE_CONFIG, else embedded defaults."""
+    """Load settings from `path`, else $APPLIANCE_CONFIG, else SYSTEM_CONFIG, else defaults."""
     chosen = path if path is not None else os.environ.get(CONFIG_ENV) or None
+    if chosen is None and SYSTEM_CONFIG.is_file():
+        chosen = SYSTEM_CONFIG
     if chosen is None:
         return _absolute(Settings())
     file = Path(chosen)

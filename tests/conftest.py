@@ -28,6 +28,12 @@ TEST_FILES = Path(get_testdata_file("CT_small.dcm")).parent
 CHARSET_FILES = TEST_FILES.parent / "charset_files"
 
 
+# Debian's DCMTK, by absolute path: the venv's bin/ holds pynetdicom's own
+# storescu/echoscu scripts, which would shadow them on an activated PATH.
+DCMTK = Path("/usr/bin")
+ECHOSCU, STORESCU, STORESCP = (str(DCMTK / tool) for tool in ("echoscu", "storescu", "storescp"))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -76,7 +82,7 @@ def find_json(config: Path, *args: str) -> list[dict]:
 
 def echo(port: int, aet: str = "ECHOSCU", aec: str = "GATEWAY", timeout: float = 10) -> int:
     return subprocess.run(
-        ["echoscu", "-aet", aet, "-aec", aec, "-to", "5", "127.0.0.1", str(port)],
+        [ECHOSCU, "-aet", aet, "-aec", aec, "-to", "5", "127.0.0.1", str(port)],
         env=dcmtk_env(), capture_output=True, timeout=timeout,
     ).returncode
 
@@ -85,7 +91,7 @@ def storescu(port: int, files: list[Path], *options: str, aet: str = "STORESCU",
              timeout: float = 300) -> subprocess.CompletedProcess:
     """Send `files` over one association; options e.g. ('-xv',) pick the proposal."""
     return subprocess.run(
-        ["storescu", "-aet", aet, "-aec", "GATEWAY", "-v", *options, "127.0.0.1", str(port),
+        [STORESCU, "-aet", aet, "-aec", "GATEWAY", "-v", *options, "127.0.0.1", str(port),
          *[str(f) for f in files]],
         env=dcmtk_env(), capture_output=True, text=True, timeout=timeout,
     )

@@ -12,6 +12,7 @@ from tests.conftest import run_cli
 
 def test_embedded_defaults_need_no_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv(config.CONFIG_ENV, raising=False)
+    monkeypatch.setattr(config, "SYSTEM_CONFIG", tmp_path / "absent.toml")
     monkeypatch.chdir(tmp_path)
     settings = config.load()
     assert settings.node.ae_title == "GATEWAY"
@@ -32,6 +33,16 @@ def test_contract_keys_are_read(tmp_path: Path) -> None:
     assert settings.node.dicom_port == 4006
     assert settings.node.data_dir == Path("/srv/gw")
     assert settings.node.allowed_callers == ("CR01", "CT_ROOM2")
+
+
+def test_the_image_configuration_is_found_without_flags(monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path) -> None:
+    system = tmp_path / "appliance.toml"
+    system.write_text("[node]\ndicom_port = 104\n")
+    monkeypatch.delenv(config.CONFIG_ENV, raising=False)
+    monkeypatch.setattr(config, "SYSTEM_CONFIG", system)
+    assert config.load().node.dicom_port == 104
+    assert config.load().source == str(system)
 
 
 def test_environment_variable_names_the_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

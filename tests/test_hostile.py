@@ -8,6 +8,7 @@ bytes of anything refused are kept with the reason.
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import pydicom
@@ -158,4 +159,20 @@ def test_association_limit(make_appliance) -> None:
     finally:
         for assoc in held:
             assoc.release()
-    assert echo(gateway.port) == 0, "the limit frees up when associations close"
+    deadline = time.monotonic() + 10  # the acceptor threads end shortly after the release
+    while echo(gateway.port) != 0:
+        assert time.monotonic() < deadline, "the limit must free up when associations close"
+        time.sleep(0.2)
+
+
+def test_worklist_query_is_not_taken_for_storage(appliance) -> None:
+    """A modality asking for a worklist hears "not supported", not an aborted association."""
+    ae = AE(ae_title="CR01")
+    ae.add_requested_context("1.2.840.10008.5.1.4.31")  # Modality Worklist Information Model FIND
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", appliance.port, ae_title="GATEWAY")
+    assert assoc.is_established
+    worklist = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == "1.2.840.10008.5.1.4.31"]
+    assert worklist == [], "worklist is not served yet: its context must be refused"
+    assoc.release()
+    assert "Traceback" not in appliance.log()

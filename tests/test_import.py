@@ -75,4 +75,4 @@ def test_import_while_the_service_runs(appliance, tmp_path: Path) -> None:
 def test_import_names_a_missing_path(tmp_path: Path) -> None:
     config = write_config(tmp_path / "a.toml", {"data_dir": str(tmp_path / "data")})
     result = run_cli(config, "import", str(tmp_path / "nope"), check=False)
-    assert result.returncode == 2 and "no such file or folder" in result.stdout
+    assert result.returncode == 2 and "no such file or folder" in result.stderr

@@ -20,6 +20,7 @@ import pytest
 
 from tests.conftest import (
     CHARSET_FILES,
+    STORESCP,
     TEST_FILES,
     dataset_bytes,
     dcmtk_env,
@@ -52,7 +53,7 @@ def reference_scp(tmp_path: Path):
     out.mkdir()
     port = free_port()
     proc = subprocess.Popen(
-        ["storescp", "+xa", "+B", "-aet", "GATEWAY", "-od", str(out), str(port)],
+        [STORESCP, "+xa", "+B", "-aet", "GATEWAY", "-od", str(out), str(port)],
         env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 10

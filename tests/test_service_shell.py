@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, echo, free_port, synthetic_ct, write_config
+from tests.conftest import REPO, STORESCU, echo, free_port, synthetic_ct, write_config
 
 
 def _wait_for(predicate, timeout: float, what: str):
@@ -72,7 +72,7 @@ def test_sigterm_finishes_the_association_in_flight(make_appliance, tmp_path: Pa
     files = synthetic_ct(tmp_path / "ct", 150, size=256)
     gateway = make_appliance()
     sender = subprocess.Popen(
-        ["storescu", "-aec", "GATEWAY", "-v", "127.0.0.1", str(gateway.port), *map(str, files)],
+        [STORESCU, "-aec", "GATEWAY", "-v", "127.0.0.1", str(gateway.port), *map(str, files)],
         env=dict(os.environ, TCP_NODELAY="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     archive = gateway.data_dir / "archive"
@@ -124,10 +124,11 @@ def test_appliance_run_restarts_a_dead_service_and_stops_all(tmp_path: Path) -> 
     with pytest.raises(ProcessLookupError):
         os.kill(second, 0)
     assert echo(port) != 0
-    status = json.loads(subprocess.run(
+    stopped = subprocess.run(
         [sys.executable, "-m", "appliance", "--config", str(config), "status", "--json"],
-        cwd=REPO, capture_output=True, text=True, check=True).stdout)
-    assert status["services"][0]["state"] == "stopped"
+        cwd=REPO, capture_output=True, text=True)
+    assert stopped.returncode == 3, "status must tell scripts that a service is down"
+    assert json.loads(stopped.stdout)["services"][0]["state"] == "stopped"
 
 
 def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 from pathlib import Path
 
 # errno values that mean "the disk cannot take this now": the sender should
@@ -58,7 +59,8 @@ def move_durable(source: Path, target: Path) -> None:
 def write_durable(target: Path, data: bytes, temp_dir: Path) -> None:
     """Write `data` to `target` through a temp file in `temp_dir` (same file system)."""
     temp_dir.mkdir(parents=True, exist_ok=True)
-    temp = temp_dir / f".{target.name}.{os.getpid()}.tmp"
+    # pid first: the start-up cleanup keeps temp files of processes still running.
+    temp = temp_dir / f"{os.getpid()}-{secrets.token_hex(8)}.tmp"
     with open(temp, "wb") as file:
         file.write(data)
         file.flush()

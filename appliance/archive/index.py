@@ -17,7 +17,12 @@ from typing import Any
 
 from appliance.archive.record import InstanceRecord
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# Steps from one schema version to the next, applied in order to an older index.
+MIGRATIONS = {
+    2: "ALTER TABLE instances ADD COLUMN dataset_sha256 TEXT NOT NULL DEFAULT ''",
+}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS patients (
@@ -83,8 +88,8 @@ JOIN patients p ON p.id = st.patient_ref
 """
 
 
-class SchemaTooNew(Exception):
-    """The index cannot be opened or is of an unknown version."""
+class SchemaMismatch(Exception):
+    """The index was made by another version of the software; the message says what to do."""
 
 
 class Index:
@@ -97,13 +102,23 @@ class Index:
         conn = self.connection()
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise SchemaTooNew(
+            raise SchemaMismatch(
                 f"index {path} has schema version {version}, newer than this software "
                 f"({SCHEMA_VERSION}); update the appliance software"
             )
-        if create and version < SCHEMA_VERSION:
+        if create and version == 0:
             conn.executescript(
                 f"BEGIN IMMEDIATE; {SCHEMA}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            )
+        elif create and version < SCHEMA_VERSION:
+            steps = "; ".join(MIGRATIONS[v] for v in range(version + 1, SCHEMA_VERSION + 1))
+            conn.executescript(
+                f"BEGIN IMMEDIATE; {steps}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            )
+        elif version < SCHEMA_VERSION:
+            raise SchemaMismatch(
+                f"index {path} has schema version {version}, older than this software "
+                f"({SCHEMA_VERSION}); start the dicom service once to upgrade it"
             )
 
     def connection(self) -> sqlite3.Connection:

@@ -184,18 +184,19 @@ class Archive:
         )
         target = self.root / relative
         existing = self.index.instance(record.sop_instance_uid)
-        if existing is not None:
-            old_path = self.data_dir / existing["path"]
-            if existing["dataset_sha256"] == digest.dataset and old_path.is_file():
+        old_path = self.data_dir / existing["path"] if existing is not None else None
+        if old_path is not None and not old_path.is_file():
+            old_path = None  # known instance whose file is gone (purged): store anew
+        if existing is not None and old_path is not None:
+            if existing["dataset_sha256"] == digest.dataset:
                 _discard(temp)
                 return Stored("duplicate", record, old_path, existing["sha256"], size)
-        set_aside: tuple[Path, Path] | None = None
+            if old_path == target:
+                # The acknowledged version stays where the index points until the
+                # new one is committed, so the new one takes a name of its own.
+                target = target.with_name(f"{target.stem}~{digest.file[:8]}{target.suffix}")
         placed = False
         try:
-            if existing is not None and old_path.is_file():
-                kept = self.replaced_dir / received.strftime("%Y%m%d-%H%M%S-%f") / existing["path"]
-                durable.move_durable(old_path, kept)
-                set_aside = (kept, old_path)
             durable.move_durable(temp, target)
             placed = True
             with self.index.transaction() as conn:
@@ -214,19 +215,23 @@ class Archive:
                     hook(conn, row, record)
         except (OSError, sqlite3.Error) as exc:
             _discard(target if placed else temp)
-            if set_aside is not None:
-                durable.move_durable(*set_aside)
             if _is_space_error(exc):
                 raise OutOfSpace(f"cannot archive on {self.data_dir}: {exc}") from exc
             raise
-        if set_aside is not None:
-            log.warning(
-                "SOP Instance %s received again with different content from %s; "
-                "new file %s, previous one kept as %s",
-                record.sop_instance_uid, calling_ae or source, target, set_aside[0],
-            )
-            return Stored("replaced", record, target, digest.file, size)
-        return Stored("stored", record, target, digest.file, size)
+        if old_path is None:
+            return Stored("stored", record, target, digest.file, size)
+        kept = self.replaced_dir / received.strftime("%Y%m%d-%H%M%S-%f") / existing["path"]
+        try:
+            durable.move_durable(old_path, kept)
+        except OSError as exc:  # the new version is safe; the old one stays where it was
+            log.error("cannot move the replaced file %s to %s: %s", old_path, kept, exc)
+            kept = old_path
+        log.warning(
+            "SOP Instance %s received again with different content from %s; "
+            "new file %s, previous one kept as %s",
+            record.sop_instance_uid, calling_ae or source, target, kept,
+        )
+        return Stored("replaced", record, target, digest.file, size)
 
     def ingest_bytes(self, data: bytes, **kwargs) -> Stored:
         """Archive a Part 10 byte string (a dicomizer's output, a test)."""

@@ -80,6 +80,7 @@ def read_record(fp: BinaryIO, size: int, source: str) -> tuple[InstanceRecord, W
         raise UnreadableObject(f"{source}: DICOM header cannot be parsed: {exc}") from None
     if all(k in ds for k in IMAGE_MARKERS) and not walk.has_pixel_data:
         raise UnreadableObject(f"{source}: image has Rows/Columns but no pixel data (truncated?)")
+    _check_native_pixel_length(ds, walk, source)
     try:
         record = InstanceRecord(
             patient_id=_text(ds, "PatientID"),
@@ -103,6 +104,34 @@ def read_record(fp: BinaryIO, size: int, source: str) -> tuple[InstanceRecord, W
     except Exception as exc:
         raise UnreadableObject(f"{source}: DICOM header has invalid values: {exc}") from None
     return _with_identity(record, ds, source), walk
+
+
+def _check_native_pixel_length(ds: Dataset, walk: Walk, source: str) -> None:
+    """Uncompressed pixel data must hold every frame the header announces.
+
+    A lenient sender can re-encode a truncated file consistently: the element
+    is then complete but too short for Rows x Columns x frames, and the image
+    is as lost as a cut file.
+    """
+    length = walk.native_pixel_data_length
+    if length is None:
+        return
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.BitsAllocated)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return  # not an image header we can reason about: keep the object
+    pixels = rows * columns * samples * frames
+    needed = (pixels + 7) // 8 if bits == 1 else pixels * ((bits + 7) // 8)
+    if ds.get("PhotometricInterpretation", "") == "YBR_FULL_422":
+        needed = needed * 2 // 3
+    if length < needed:
+        raise UnreadableObject(
+            f"{source}: pixel data holds {length} bytes but {rows}x{columns}x{samples} samples "
+            f"x {frames} frame(s) at {bits} bits need {needed} (image truncated)"
+        )
 
 
 MISSING_PREFIX = "missing:"

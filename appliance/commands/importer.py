@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,7 +93,7 @@ def run_import(settings: Settings, paths: list[Path], log_line=print) -> Counter
 def main(settings: Settings, paths: list[str], as_json: bool) -> int:
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
-        print(f"appliance import: no such file or folder: {', '.join(missing)}")
+        print(f"appliance import: no such file or folder: {', '.join(missing)}", file=sys.stderr)
         return 2
     tally = run_import(settings, [Path(p) for p in paths], log_line=(lambda _l: None) if as_json else print)
     summary = {k: tally.get(k, 0) for k in OUTCOMES}

@@ -116,7 +116,12 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+NOT_ALL_RUNNING = 3  # as `systemctl status`: scripts can tell something is down
+
+
 def main(settings: Settings, as_json: bool) -> int:
+    """Exit 0 when every enabled service runs, 3 otherwise."""
     report = collect(settings)
     print(json.dumps(report, indent=2, ensure_ascii=False) if as_json else render(report))
-    return 0
+    down = [s for s in report["services"] if s["enabled"] and s["state"] != "running"]
+    return NOT_ALL_RUNNING if down else 0

@@ -18,10 +18,11 @@ import logging
 import re
 import threading
 
-from pydicom.uid import UID, AllTransferSyntaxes
-from pynetdicom import register_uid, sop_class
+from pydicom.uid import AllTransferSyntaxes
+from pynetdicom import register_uid
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.service_class import ServiceClass, StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 
 log = logging.getLogger("appliance.dicom")
 
@@ -35,17 +36,32 @@ _registered: set[str] = set()
 _register_lock = threading.Lock()
 
 
+STANDARD_STORAGE_ROOT = "1.2.840.10008.5.1.4.1.1."
+STANDARD_ROOT = "1.2.840.10008."
+
+
 def _storage_like(abstract_syntax: str) -> bool:
-    """True for storage SOP classes and any UID pynetdicom has no service for."""
-    uid = UID(abstract_syntax)
-    if abstract_syntax in _registered or abstract_syntax in sop_class._STORAGE_CLASSES.values():
+    """True for storage SOP classes, including retired and private ones.
+
+    pynetdicom decides which service handles a class; one it serves otherwise
+    (worklist, query/retrieve, storage commitment ...) is never taken for
+    storage. A class it has no service for is storage when it lies under the
+    standard storage root (retired ultrasound, nuclear medicine ...) or outside
+    the standard root altogether (a vendor's private class).
+    """
+    if abstract_syntax in _registered:
         return True
-    return uid.is_private or not hasattr(sop_class, uid.keyword or "-")
+    service = uid_to_service_class(abstract_syntax)
+    if service is StorageServiceClass:
+        return True
+    if service is not ServiceClass:
+        return False
+    return abstract_syntax.startswith(STANDARD_STORAGE_ROOT) or not abstract_syntax.startswith(STANDARD_ROOT)
 
 
 def _ensure_registered(abstract_syntax: str) -> bool:
     """Route C-STOREs of a storage class pynetdicom does not know to the storage service."""
-    if abstract_syntax in sop_class._STORAGE_CLASSES.values():
+    if uid_to_service_class(abstract_syntax) is StorageServiceClass:
         return True
     with _register_lock:
         if abstract_syntax in _registered:

@@ -123,6 +123,15 @@ class DicomService:
 
     def _on_established(self, event: evt.Event) -> None:
         contexts = event.assoc.accepted_contexts
+        called = event.assoc.requestor.primitive.called_ae_title
+        if called != self.node.ae_title:
+            log.info("association from %s calls us %r, not %r (accepted anyway)", _peer(event),
+                     called, self.node.ae_title)
+        if not contexts:
+            proposed = {str(cx.abstract_syntax) for cx in event.assoc.rejected_contexts}
+            log.warning("association from %s: none of its presentation contexts can be served "
+                        "(proposed %s)", _peer(event), ", ".join(sorted(proposed)) or "none")
+            return
         log.info("association from %s accepted (%d presentation contexts)", _peer(event), len(contexts))
 
     def _on_echo(self, event: evt.Event) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 
 from appliance.archive.ingest import Archive
 from appliance.config import Settings
@@ -13,10 +14,15 @@ log = logging.getLogger("appliance.dicom")
 
 
 def run(settings: Settings) -> int:
-    shell = ServiceShell("dicom", settings)
     node = settings.node
-    archive = Archive(node.data_dir, min_free_bytes=node.min_free_mb * 1_000_000)
-    archive.cleanup_temp()
+    try:
+        shell = ServiceShell("dicom", settings)
+        archive = Archive(node.data_dir, min_free_bytes=node.min_free_mb * 1_000_000)
+        archive.cleanup_temp()
+    except (OSError, sqlite3.Error) as exc:
+        log.error("cannot use data_dir %s: %s; check [node] data_dir, the disk and its permissions",
+                  node.data_dir, exc)
+        return 1
     service = DicomService(node, archive)
     try:
         service.start()

@@ -71,12 +71,12 @@ class _Stream:
 
 
 def _walk_dataset(
-    s: _Stream, implicit: bool, end: int | None, in_item: bool, seen: set[int] | None = None
+    s: _Stream, implicit: bool, end: int | None, in_item: bool, seen: dict[int, int] | None = None
 ) -> None:
     """Walk elements until `end` (defined-length item), an item delimiter or EOF.
 
-    Top-level tags are added to `seen`, so callers can tell an image that lost
-    its pixel data from an object that never had any.
+    Top-level tags and their value lengths are added to `seen`, so callers can
+    tell an image that lost its pixel data from an object that never had any.
     """
     while True:
         if end is not None and s.pos() >= end:
@@ -92,8 +92,6 @@ def _walk_dataset(
             s.u32("an item delimiter")
             return
         label = f"element ({tag >> 16:04X},{tag & 0xFFFF:04X})"
-        if seen is not None:
-            seen.add(tag)
         if tag in (ITEM, SEQUENCE_END):
             raise IncompleteDataset(f"unexpected item tag at byte {s.pos() - 4}")
         if implicit:
@@ -106,6 +104,8 @@ def _walk_dataset(
                 length = s.u32(label)
             else:
                 length = s.u16(label)
+        if seen is not None:
+            seen[tag] = length
         if length != UNDEFINED:
             s.skip(length, label)
         elif tag == PIXEL_DATA:
@@ -151,12 +151,18 @@ class Walk:
     """What the walk learned: transfer syntax, top-level tags, where the dataset starts."""
 
     transfer_syntax: UID
-    top_level_tags: frozenset[int]
+    top_level_lengths: dict[int, int]  # tag -> value length (UNDEFINED if encapsulated)
     dataset_offset: int
 
     @property
     def has_pixel_data(self) -> bool:
-        return bool(self.top_level_tags & PIXEL_TAGS)
+        return any(tag in self.top_level_lengths for tag in PIXEL_TAGS)
+
+    @property
+    def native_pixel_data_length(self) -> int | None:
+        """Length of uncompressed (7FE0,0010), None if absent or encapsulated."""
+        length = self.top_level_lengths.get(PIXEL_DATA)
+        return None if length is None or length == UNDEFINED else length
 
 
 def check_part10(fp: BinaryIO, size: int) -> Walk:
@@ -191,11 +197,11 @@ def check_part10(fp: BinaryIO, size: int) -> Walk:
         raise IncompleteDataset("file meta information has no Transfer Syntax UID (0002,0010)")
     dataset_offset = fp.tell()
     seen = check_dataset(fp, size, UID(transfer_syntax))
-    return Walk(UID(transfer_syntax), frozenset(seen), dataset_offset)
+    return Walk(UID(transfer_syntax), seen, dataset_offset)
 
 
-def check_dataset(fp: BinaryIO, size: int, transfer_syntax: UID) -> set[int]:
-    """Walk the dataset from the current position; return its top-level tags."""
+def check_dataset(fp: BinaryIO, size: int, transfer_syntax: UID) -> dict[int, int]:
+    """Walk the dataset from the current position; return its top-level tag lengths."""
     if transfer_syntax in DEFLATED:
         try:
             inflated = zlib.decompressobj(-zlib.MAX_WBITS)
@@ -212,6 +218,6 @@ def check_dataset(fp: BinaryIO, size: int, transfer_syntax: UID) -> set[int]:
         little, implicit = False, False
     else:
         little, implicit = True, False  # explicit VR little endian and all encapsulated ones
-    seen: set[int] = set()
+    seen: dict[int, int] = {}
     _walk_dataset(_Stream(fp, size, little), implicit, None, in_item=False, seen=seen)
     return seen
