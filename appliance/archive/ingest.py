@@ -143,7 +143,11 @@ class Archive:
         received = received or now_local()
         try:
             size = temp.stat().st_size
-            self.check_space(size)
+            # The temp file already holds its blocks on the archive's file
+            # system and the rename into the tree takes none: only the reserve
+            # must still be intact. (Counting `size` again refused any image
+            # with less than twice its size free above the reserve.)
+            self.check_space(0)
             with open(temp, "rb") as fp:
                 try:
                     record, walk = read_record(fp, size, source or temp.name)
@@ -162,8 +166,16 @@ class Archive:
         except OutOfSpace:
             _discard(temp)
             raise
-        with self._instance_lock(record.sop_instance_uid):
-            return self._place(temp, record, digest, size, calling_ae, source, received)
+        try:
+            with self._instance_lock(record.sop_instance_uid):
+                return self._place(temp, record, digest, size, calling_ae, source, received)
+        except (OSError, sqlite3.Error) as exc:
+            # The lock file or the index lookup failed before _place took the
+            # temp file over (or _place already dropped it): never leave it behind.
+            _discard(temp)
+            if _is_space_error(exc):
+                raise OutOfSpace(f"cannot archive on {self.data_dir}: {exc}") from exc
+            raise
 
     def _place(
         self,

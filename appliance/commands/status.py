@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import shutil
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,10 @@ def service_states(settings: Settings) -> list[dict[str, Any]]:
             published = None
         if published:
             entry.update({k: v for k, v in published.items() if k not in ("service", "status")})
-            age = time.time() - float(published.get("heartbeat_at", 0))
+            heartbeat = float(published.get("heartbeat_at", 0))
+            with suppress(OSError):  # a service that cannot rewrite it (disk full) touches it
+                heartbeat = max(heartbeat, path.stat().st_mtime)
+            age = time.time() - heartbeat
             entry["heartbeat_age_seconds"] = round(age, 1)
             alive = pid_alive(int(published.get("pid", 0)))
             if published.get("status") == "stopped" or not alive:
