@@ -5,6 +5,7 @@
     appliance status [--json]     what is running, images today, disk space
     appliance find [...] [--json] which images the gateway holds, and where
     appliance import PATH...      bring DICOM files in (a CD, a USB stick, a folder)
+    appliance transcode IN OUT --to CLASS|UID   convert one file (the archive's converter)
     appliance config show|check   the settings in force / check a file before use
 
 The configuration comes from --config FILE, else $APPLIANCE_CONFIG, else
@@ -53,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
     imp = commands.add_parser("import", help="archive DICOM files or folders (a CD, a USB stick)")
     imp.add_argument("paths", nargs="+", metavar="PATH")
     imp.add_argument("--json", action="store_true", help="print only a JSON summary")
+
+    trans = commands.add_parser("transcode", help="convert one DICOM file to another transfer syntax")
+    trans.add_argument("input", metavar="IN")
+    trans.add_argument("output", metavar="OUT")
+    trans.add_argument("--to", required=True, metavar="CLASS|UID",
+                       help="uncompressed, lossless, lossy ([storage] syntaxes), or a UID/keyword")
+    trans.add_argument("--json", action="store_true", help="machine-readable report")
 
     cfg = commands.add_parser("config", help="show the settings in force, or check a file")
     cfg.add_argument("action", choices=["show", "check"])
@@ -122,6 +130,10 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
         except find.UsageError as exc:
             print(f"appliance find: {exc}", file=sys.stderr)
             return 2
+    if args.command == "transcode":
+        from appliance.commands import transcode
+
+        return transcode.main(settings, args.input, args.output, args.to, args.json)
     if args.command == "import":
         from appliance.commands import importer
 

@@ -103,11 +103,62 @@ class NodeSettings:
     log_level: str = _checked("INFO", check_log_level, "DEBUG, INFO, WARNING or ERROR")
 
 
+def check_store_format(value: str) -> str | None:
+    allowed = ("uncompressed", "lossless", "lossy", "as-received")
+    return None if value in allowed else f"one of {', '.join(allowed)}"
+
+
+def _syntax_check(wanted: str) -> Callable[[str], str | None]:
+    def check(value: str) -> str | None:
+        from appliance.transcode import syntaxes
+
+        resolved = syntaxes.resolve(value)
+        if resolved is None or syntaxes.class_of(resolved) != wanted:
+            names = ", ".join(f"{syntaxes.name_of(s)} ({s})" for s in syntaxes.members(wanted))
+            return f"a {wanted} transfer syntax UID or keyword: {names}"
+        return None
+
+    return check
+
+
+def check_quality(value: int) -> str | None:
+    return None if 1 <= value <= 100 else "a number from 1 (smallest) to 100 (best)"
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """[storage]: the format the archive keeps (store rule in docs/DESIGN.md)."""
+
+    format: str = _checked(
+        "as-received", check_store_format, "uncompressed, lossless, lossy or as-received"
+    )
+    lossless_syntax: str = _checked(
+        "1.2.840.10008.1.2.4.80", _syntax_check("lossless"),
+        "syntax for format = lossless (default JPEG-LS Lossless; see docs/PERFORMANCE.md)",
+    )
+    lossy_syntax: str = _checked(
+        "1.2.840.10008.1.2.4.91", _syntax_check("lossy"),
+        "syntax for format = lossy (default JPEG 2000; holds 8-16 bit data)",
+    )
+    lossy_quality: int = _checked(90, check_quality, "1-100: JPEG quality, J2K PSNR/2 dB, JPEG-LS NEAR")
+
+    def syntax(self, format_class: str) -> str:
+        """The concrete syntax for a class name, as a UID."""
+        from appliance.transcode import syntaxes
+
+        if format_class == "lossless":
+            return syntaxes.resolve(self.lossless_syntax) or self.lossless_syntax
+        if format_class == "lossy":
+            return syntaxes.resolve(self.lossy_syntax) or self.lossy_syntax
+        return syntaxes.UNIVERSAL[0]
+
+
 @dataclass(frozen=True)
 class Settings:
     """All sections. `source` names the file they came from, for messages."""
 
     node: NodeSettings = field(default_factory=NodeSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
     source: str = "embedded defaults"
 
     @property
@@ -115,7 +166,7 @@ class Settings:
         return self.node.data_dir
 
 
-SECTIONS: dict[str, type] = {"node": NodeSettings}
+SECTIONS: dict[str, type] = {"node": NodeSettings, "storage": StorageSettings}
 
 
 # --- loading ------------------------------------------------------------------

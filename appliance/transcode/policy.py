@@ -1,0 +1,71 @@
+"""The store rule and the send rule, as pure functions of syntaxes.
+
+Store rule ([storage] format): what the archive keeps of what it received.
+
+    received \\ configured  uncompressed  lossless            lossy           as-received
+    uncompressed           keep          compress lossless   compress lossy  keep
+    lossless               decompress    keep                compress lossy  keep
+    lossy                  decompress    keep lossy          keep            keep
+
+Send rule (a destination's `accepts`, by preference): which syntaxes to
+propose for one stored object. Lossy data is never re-encoded losslessly
+(only bigger, never better) nor into another lossy syntax (a second
+generation of loss): it goes as it is or decompressed. Explicit, then
+Implicit VR Little Endian close every list, as every DICOM node takes them.
+"""
+
+from __future__ import annotations
+
+from pydicom import uid
+
+from appliance.transcode.syntaxes import UNIVERSAL, class_of, expand, members
+
+STORE_FORMATS = ("uncompressed", "lossless", "lossy", "as-received")
+
+
+def store_target(received: str, configured: str, lossless_syntax: str, lossy_syntax: str) -> str | None:
+    """The syntax to store an object received in `received`, or None to keep it as it is."""
+    if configured not in STORE_FORMATS:
+        raise ValueError(f"unknown store format {configured!r}; one of {', '.join(STORE_FORMATS)}")
+    current = class_of(received)
+    if configured == "as-received" or current is None:
+        return None  # video and unknown syntaxes are never touched
+    if configured == "uncompressed":
+        return None if current == "uncompressed" else uid.ExplicitVRLittleEndian
+    if configured == "lossless":
+        return lossless_syntax if current == "uncompressed" else None
+    return lossy_syntax if current in ("uncompressed", "lossless") else None
+
+
+def send_candidates(stored: str, accepts: list[str] | tuple[str, ...]) -> list[str]:
+    """Syntaxes to propose for an object stored in `stored`, best first.
+
+    Where `accepts` names a class, the stored syntax comes first within it
+    when it belongs to it: the destination takes any of them, and sending
+    as stored costs nothing.
+    """
+    current = class_of(stored)
+    ordered: list[str] = []
+    for entry in accepts:
+        group = list(members(entry)) if entry in ("uncompressed", "lossless", "lossy") else [entry]
+        if stored in group:
+            group.remove(stored)
+            group.insert(0, stored)
+        ordered.extend(s for s in group if s not in ordered)
+    candidates = [s for s in ordered if _allowed(stored, current, s)]
+    candidates += [s for s in UNIVERSAL if s not in candidates]
+    return candidates
+
+
+def _allowed(stored: str, current: str | None, target: str) -> bool:
+    if target == stored:
+        return True
+    wanted = class_of(target)
+    if current is None or wanted is None:
+        return False  # video or unknown syntaxes: only as they are
+    if current == "lossy":
+        return wanted == "uncompressed"
+    return True
+
+
+__all__ = ["STORE_FORMATS", "expand", "send_candidates", "store_target"]
