@@ -47,12 +47,18 @@ def make_dirs_durable(directory: Path) -> None:
         fsync_path(new.parent)
 
 
-def move_durable(source: Path, target: Path) -> None:
-    """Rename `source` (already fsynced) to `target` and make the new name durable."""
+def move_durable(source: Path, target: Path, *, sync_source_dir: bool = True) -> None:
+    """Rename `source` (already fsynced) to `target` and make the new name durable.
+
+    `sync_source_dir=False` for moves out of the temp area: what matters is
+    the new name, and a temp name that survives a crash is removed at start.
+    A file moved away from a name somebody relies on (an acknowledged file
+    set aside) keeps the default, so the old name cannot come back.
+    """
     make_dirs_durable(target.parent)
     os.replace(source, target)
     fsync_path(target.parent)
-    if source.parent != target.parent:
+    if sync_source_dir and source.parent != target.parent:
         fsync_path(source.parent)
 
 
@@ -65,4 +71,4 @@ def write_durable(target: Path, data: bytes, temp_dir: Path) -> None:
         file.write(data)
         file.flush()
         os.fsync(file.fileno())
-    move_durable(temp, target)
+    move_durable(temp, target, sync_source_dir=False)

@@ -153,7 +153,8 @@ class Archive:
                     record, walk = read_record(fp, size, source or temp.name)
                 except UnreadableObject as exc:
                     raise Rejected(str(exc), None) from None
-                digest = _digests(fp, walk.dataset_offset)
+                digest = _file_digest(fp)
+                dataset_offset = walk.dataset_offset
                 os.fsync(fp.fileno())
         except Rejected as exc:
             quarantined = self.quarantine(temp, exc.reason, calling_ae=calling_ae, source=source)
@@ -168,7 +169,8 @@ class Archive:
             raise
         try:
             with self._instance_lock(record.sop_instance_uid):
-                return self._place(temp, record, digest, size, calling_ae, source, received)
+                return self._place(temp, record, digest, dataset_offset, size, calling_ae, source,
+                               received)
         except (OSError, sqlite3.Error) as exc:
             # The lock file or the index lookup failed before _place took the
             # temp file over (or _place already dropped it): never leave it behind.
@@ -181,7 +183,8 @@ class Archive:
         self,
         temp: Path,
         record: InstanceRecord,
-        digest: Digests,
+        digest: str,
+        dataset_offset: int,
         size: int,
         calling_ae: str,
         source: str,
@@ -200,16 +203,16 @@ class Archive:
         if old_path is not None and not old_path.is_file():
             old_path = None  # known instance whose file is gone (purged): store anew
         if existing is not None and old_path is not None:
-            if existing["dataset_sha256"] == digest.dataset:
+            if _dataset_digest(temp, dataset_offset) == _stored_dataset_digest(existing, old_path):
                 _discard(temp)
                 return Stored("duplicate", record, old_path, existing["sha256"], size)
             if old_path == target:
                 # The acknowledged version stays where the index points until the
                 # new one is committed, so the new one takes a name of its own.
-                target = target.with_name(f"{target.stem}~{digest.file[:8]}{target.suffix}")
+                target = target.with_name(f"{target.stem}~{digest[:8]}{target.suffix}")
         placed = False
         try:
-            durable.move_durable(temp, target)
+            durable.move_durable(temp, target, sync_source_dir=False)
             placed = True
             with self.index.transaction() as conn:
                 row = self.index.upsert_instance(
@@ -217,8 +220,8 @@ class Archive:
                     record,
                     path=str(target.relative_to(self.data_dir)),
                     size=size,
-                    sha256=digest.file,
-                    dataset_sha256=digest.dataset,
+                    sha256=digest,
+                    dataset_sha256="",
                     calling_ae=calling_ae,
                     source=source,
                     received_at=received.isoformat(timespec="milliseconds"),
@@ -231,7 +234,7 @@ class Archive:
                 raise OutOfSpace(f"cannot archive on {self.data_dir}: {exc}") from exc
             raise
         if old_path is None:
-            return Stored("stored", record, target, digest.file, size)
+            return Stored("stored", record, target, digest, size)
         kept = self.replaced_dir / received.strftime("%Y%m%d-%H%M%S-%f") / existing["path"]
         try:
             durable.move_durable(old_path, kept)
@@ -243,7 +246,7 @@ class Archive:
             "new file %s, previous one kept as %s",
             record.sop_instance_uid, calling_ae or source, target, kept,
         )
-        return Stored("replaced", record, target, digest.file, size)
+        return Stored("replaced", record, target, digest, size)
 
     def ingest_bytes(self, data: bytes, **kwargs) -> Stored:
         """Archive a Part 10 byte string (a dicomizer's output, a test)."""
@@ -338,30 +341,40 @@ class Archive:
             os.close(fd)
 
 
-@dataclass(frozen=True)
-class Digests:
-    """sha256 of the whole file (to verify copies) and of the dataset alone.
+def _file_digest(fp: BinaryIO) -> str:
+    """sha256 of the whole file: what copies on external disks are verified against.
+
+    One pass per image: on a Raspberry Pi 4 (no SHA instructions) each pass
+    over a 512 KB CT slice costs several milliseconds.
+    """
+    fp.seek(0)
+    return hashlib.file_digest(fp, "sha256").hexdigest()
+
+
+def _dataset_digest(path: Path, dataset_offset: int) -> str:
+    """sha256 of the dataset alone, past the file meta.
 
     Two files of the same instance that differ only in their file meta (one
-    from C-STORE, one from a CD) hold the same image: the dataset digest
-    decides "received again, identical".
+    from C-STORE, one from a CD) hold the same image: this digest decides
+    "received again, identical". Computed only when the SOP Instance UID is
+    already known, which is rare.
     """
+    with open(path, "rb") as fp:
+        fp.seek(dataset_offset)
+        return hashlib.file_digest(fp, "sha256").hexdigest()
 
-    file: str
-    dataset: str
 
+def _stored_dataset_digest(existing: dict, path: Path) -> str:
+    if existing.get("dataset_sha256"):
+        return existing["dataset_sha256"]
+    from appliance.dicom.structure import IncompleteDataset, check_part10
 
-def _digests(fp: BinaryIO, dataset_offset: int) -> Digests:
-    fp.seek(0)
-    whole = hashlib.sha256()
-    dataset = hashlib.sha256()
-    position = 0
-    while chunk := fp.read(1 << 20):
-        whole.update(chunk)
-        if position + len(chunk) > dataset_offset:
-            dataset.update(chunk[max(0, dataset_offset - position):])
-        position += len(chunk)
-    return Digests(whole.hexdigest(), dataset.hexdigest())
+    try:
+        with open(path, "rb") as fp:
+            offset = check_part10(fp, path.stat().st_size).dataset_offset
+        return _dataset_digest(path, offset)
+    except (IncompleteDataset, OSError):
+        return ""  # a damaged stored copy is never "identical": the new one replaces it
 
 
 def _discard(path: Path) -> None:

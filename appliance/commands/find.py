@@ -17,7 +17,7 @@ FIELDS = (
     "sop_instance_uid", "sop_class_uid", "patient_id", "patient_name", "birth_date", "sex",
     "study_instance_uid", "accession_number", "study_date", "study_time", "study_description",
     "series_instance_uid", "modality", "series_number", "station_name", "instance_number",
-    "transfer_syntax_uid", "path", "size", "sha256", "dataset_sha256", "calling_ae", "source",
+    "transfer_syntax_uid", "path", "size", "sha256", "calling_ae", "source",
     "received_at",
 )
 STUDY_DATE = re.compile(r"^(\d{8})?(-(\d{8})?)?$")
