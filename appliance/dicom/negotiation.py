@@ -6,10 +6,10 @@ newer than pynetdicom), we accept the first transfer syntax the sender lists
 that we can parse, so an object arrives as the modality made it, and the
 store policy decides later what to keep.
 
-pynetdicom picks a context's transfer syntax in the acceptor's own list
-order, so the contexts are built per association, from the request, with
-the sender's order preserved (see NOTES.md: a fixed list starting with
-Implicit VR would turn every JPEG 2000 sender into an Implicit VR one).
+The sender's order is kept on purpose (see NOTES.md: an acceptor that picks
+in its own list order, as pynetdicom does, turns every JPEG 2000 sender that
+also offers Implicit VR into an Implicit VR one). pynetdicom's service table
+still decides which SOP classes are storage.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import threading
 
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import register_uid
-from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
@@ -77,27 +76,23 @@ def _ensure_registered(abstract_syntax: str) -> bool:
         return True
 
 
-def contexts_for(requested: list[PresentationContext]) -> list[PresentationContext]:
-    """The supported contexts for one association, built from what was proposed."""
-    supported: dict[str, PresentationContext] = {}
-    verification = PresentationContext()
-    verification.abstract_syntax = VERIFICATION
-    verification.transfer_syntax = list(UNCOMPRESSED)
-    supported[VERIFICATION] = verification
-    for proposed in requested:
-        abstract = str(proposed.abstract_syntax)
-        if abstract == VERIFICATION or not _storage_like(abstract):
-            continue
-        syntaxes = [str(ts) for ts in proposed.transfer_syntax if str(ts) in READABLE_SYNTAXES]
-        if not syntaxes or not _ensure_registered(abstract):
-            continue
-        context = supported.get(abstract)
-        if context is None:
-            context = PresentationContext()
-            context.abstract_syntax = abstract
-            context.transfer_syntax = []
-            supported[abstract] = context
-        for ts in syntaxes:
-            if ts not in context.transfer_syntax:
-                context.add_transfer_syntax(ts)
-    return list(supported.values())
+# Presentation context results (PS3.8 9.3.3.2).
+ACCEPTANCE, ABSTRACT_SYNTAX_NOT_SUPPORTED, TRANSFER_SYNTAXES_NOT_SUPPORTED = 0, 3, 4
+
+
+def choose(abstract_syntax: str, proposed: list[str]) -> tuple[int, str]:
+    """(result, transfer syntax) for one proposed context.
+
+    Verification takes the first uncompressed syntax proposed; a storage
+    class takes the first syntax we can parse, in the sender's order, so an
+    object arrives as the modality made it.
+    """
+    if abstract_syntax == VERIFICATION:
+        usable = [ts for ts in proposed if ts in UNCOMPRESSED]
+    elif _storage_like(abstract_syntax) and _ensure_registered(abstract_syntax):
+        usable = [ts for ts in proposed if ts in READABLE_SYNTAXES]
+    else:
+        return ABSTRACT_SYNTAX_NOT_SUPPORTED, ""
+    if not usable:
+        return TRANSFER_SYNTAXES_NOT_SUPPORTED, ""
+    return ACCEPTANCE, usable[0]

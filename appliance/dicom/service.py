@@ -32,7 +32,7 @@ def run(settings: Settings) -> int:
         return 1
     shell.ready(f"{node.ae_title} listening on port {node.dicom_port}")
     try:
-        shell.serve(state=service.state, healthy=lambda: service.server is not None)
+        shell.serve(state=service.state, healthy=lambda: service.listening)
     finally:
         service.stop(grace=max(5.0, min(node.dimse_timeout, 30.0)))
         shell.stopped(service.state())
