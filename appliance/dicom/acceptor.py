@@ -94,6 +94,7 @@ class Association:
         self.peer = Peer("", "", address[0], address[1])
         self.contexts: dict[int, tuple[str, str]] = {}
         self.buffer = bytearray(CHUNK)
+        self.message = _Message()  # the DIMSE message being received
 
     # --- association set-up ------------------------------------------------------
 
@@ -116,6 +117,8 @@ class Association:
             self._send(pdu.abort(source=2, reason=0))
         except OSError as exc:
             log.warning("association from %s: network error: %s", self.peer, exc)
+        finally:
+            self._discard(self.message)  # a dataset cut off by the peer, a timeout, an abort
 
     def _negotiate(self) -> bool:
         pdu_type, length = pdu.read_header(self.sock)
@@ -162,11 +165,10 @@ class Association:
     # --- the P-DATA loop ----------------------------------------------------------
 
     def _serve(self) -> None:
-        message = _Message()
         while True:
             pdu_type, length = pdu.read_header(self.sock)
             if pdu_type == pdu.P_DATA_TF:
-                message = self._p_data(length, message)
+                self._p_data(length)
             elif pdu_type == pdu.A_RELEASE_RQ:
                 pdu.read_exact(self.sock, length)
                 self._send(pdu.release_rp())
@@ -175,12 +177,11 @@ class Association:
             elif pdu_type == pdu.A_ABORT:
                 pdu.read_exact(self.sock, length)
                 log.warning("association from %s aborted by the peer", self.peer)
-                self._discard(message)
                 return
             else:
                 raise pdu.ProtocolError(f"unexpected PDU type {pdu_type:#04x} during the association")
 
-    def _p_data(self, length: int, message: _Message) -> _Message:
+    def _p_data(self, length: int) -> None:
         remaining = length
         while remaining > 0:
             if remaining < 6:
@@ -194,18 +195,18 @@ class Association:
             if context_id not in self.contexts:
                 raise pdu.ProtocolError(f"PDV on presentation context {context_id}, which was not accepted")
             last = bool(control & 0x02)
+            message = self.message
             if control & 0x01:
                 message.command += pdu.read_exact(self.sock, data_length)
                 message.context_id = context_id
                 if last:
-                    message = self._command_complete(message)
+                    self.message = self._command_complete(message)
             else:
                 if message.fields is None or context_id != message.context_id:
                     raise pdu.ProtocolError("dataset fragment without its C-STORE command")
                 self._copy_to_spool(message, data_length)
                 if last:
-                    message = self._store(message)
-        return message
+                    self.message = self._store(message)
 
     def _command_complete(self, message: _Message) -> _Message:
         fields = command.parse(bytes(message.command))
@@ -292,9 +293,11 @@ class Association:
         return _Message()
 
     def _discard(self, message: _Message) -> None:
+        """Remove the spool file of a message that will never be complete."""
         self._close_spool(message)
         if message.spool_path is not None:
             message.spool_path.unlink(missing_ok=True)
+            message.spool_path = None
 
     def _respond(self, context_id: int, command_field: int, message_id: int, status: int,
                  sop_class: str, sop_instance: str = "", comment: str = "") -> None:
