@@ -225,6 +225,14 @@ class Index:
 
     # --- reading ---------------------------------------------------------------
 
+    def stored_file(self, sop_instance_uid: str) -> dict[str, Any] | None:
+        """path, sha256 and dataset_sha256 of an instance: the check every ingest makes."""
+        row = self.connection().execute(
+            "SELECT path, sha256, dataset_sha256 FROM instances WHERE sop_instance_uid = ?",
+            (sop_instance_uid,),
+        ).fetchone()
+        return dict(row) if row else None
+
     def instance(self, sop_instance_uid: str) -> dict[str, Any] | None:
         row = self.connection().execute(
             INSTANCE_VIEW + " WHERE i.sop_instance_uid = ?", (sop_instance_uid,)

@@ -198,7 +198,7 @@ class Archive:
             received=received,
         )
         target = self.root / relative
-        existing = self.index.instance(record.sop_instance_uid)
+        existing = self.index.stored_file(record.sop_instance_uid)
         old_path = self.data_dir / existing["path"] if existing is not None else None
         if old_path is not None and not old_path.is_file():
             old_path = None  # known instance whose file is gone (purged): store anew

@@ -27,10 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from pydicom.dataset import FileMetaDataset
-from pydicom.filebase import DicomFileLike
-from pydicom.filewriter import write_file_meta_info
-
 from appliance import __version__
 from appliance.config import NodeSettings
 from appliance.dicom import command, negotiation, pdu
@@ -40,6 +36,35 @@ log = logging.getLogger("appliance.dicom")
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.13338763814570235085532935217951476504"
 IMPLEMENTATION_VERSION = f"GATEWAY_{__version__}"[:16]
 CHUNK = 1 << 18
+
+
+def _meta_element(group_element: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", 2, group_element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 2, group_element, vr, len(value)) + value
+
+
+def _text(value: str, pad: bytes, limit: int) -> bytes:
+    raw = value.encode("ascii", "replace")[:limit]
+    return raw + pad if len(raw) % 2 else raw
+
+
+def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> bytes:
+    """Preamble, 'DICM' and the File Meta Information (PS3.10 7.1), built by hand.
+
+    pydicom's writer costs ~7 % of a C-STORE for these 200 bytes; the values
+    come from the command set and the accepted context, hostile lengths cut.
+    """
+    body = _meta_element(0x0001, b"OB", b"\x00\x01")
+    body += _meta_element(0x0002, b"UI", _text(sop_class, b"\0", 64))
+    body += _meta_element(0x0003, b"UI", _text(sop_instance, b"\0", 64))
+    body += _meta_element(0x0010, b"UI", _text(transfer_syntax, b"\0", 64))
+    body += _meta_element(0x0012, b"UI", _text(IMPLEMENTATION_CLASS_UID, b"\0", 64))
+    body += _meta_element(0x0013, b"SH", _text(IMPLEMENTATION_VERSION, b" ", 16))
+    if source_ae:
+        body += _meta_element(0x0016, b"AE", _text(source_ae, b" ", 16))
+    length = _meta_element(0x0000, b"UL", struct.pack("<I", len(body)))
+    return b"\0" * 128 + b"DICM" + length + body
 
 
 @dataclass
@@ -231,21 +256,16 @@ class Association:
     def _open_spool(self, message: _Message) -> None:
         fields = message.fields or {}
         abstract, syntax = self.contexts[message.context_id]
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = command.ui(fields, command.AFFECTED_SOP_CLASS) or abstract
-        meta.MediaStorageSOPInstanceUID = command.ui(fields, command.AFFECTED_SOP_INSTANCE)
-        meta.TransferSyntaxUID = syntax
-        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-        meta.ImplementationVersionName = IMPLEMENTATION_VERSION
-        if self.peer.calling_ae:
-            meta.SourceApplicationEntityTitle = self.peer.calling_ae
-        header = io.BytesIO()
-        header.write(b"\0" * 128 + b"DICM")
-        write_file_meta_info(DicomFileLike(header), meta, enforce_standard=True)
+        header = file_meta(
+            sop_class=command.ui(fields, command.AFFECTED_SOP_CLASS) or abstract,
+            sop_instance=command.ui(fields, command.AFFECTED_SOP_INSTANCE),
+            transfer_syntax=syntax,
+            source_ae=self.peer.calling_ae,
+        )
         message.spool_path = self.handlers.new_spool_path()
         try:
             message.spool = open(message.spool_path, "wb", buffering=0)  # noqa: SIM115
-            message.spool.write(header.getvalue())
+            message.spool.write(header)
         except OSError as exc:
             message.write_error = exc
             self._close_spool(message)

@@ -36,28 +36,37 @@ class IncompleteDataset(ValueError):
 
 
 class _Stream:
+    """The file with its position kept in Python: tell() per element was a
+    measurable share of each C-STORE (docs/PERFORMANCE.md)."""
+
     def __init__(self, fp: BinaryIO, size: int, little: bool) -> None:
         self.fp = fp
         self.size = size
         self.order = "<" if little else ">"
+        self._pos = fp.tell()
 
     def pos(self) -> int:
-        return self.fp.tell()
+        return self._pos
+
+    def seek(self, position: int) -> None:
+        self.fp.seek(position)
+        self._pos = position
 
     def read(self, n: int, what: str) -> bytes:
         data = self.fp.read(n)
+        self._pos += len(data)
         if len(data) != n:
-            raise IncompleteDataset(f"file ends inside {what} at byte {self.pos()}")
+            raise IncompleteDataset(f"file ends inside {what} at byte {self._pos}")
         return data
 
     def skip(self, n: int, what: str) -> None:
-        end = self.pos() + n
+        end = self._pos + n
         if end > self.size:
             raise IncompleteDataset(
-                f"{what} declares {n} bytes at byte {self.pos()} but only "
-                f"{self.size - self.pos()} remain (dataset truncated)"
+                f"{what} declares {n} bytes at byte {self._pos} but only "
+                f"{self.size - self._pos} remain (dataset truncated)"
             )
-        self.fp.seek(end)
+        self.seek(end)
 
     def tag(self, what: str) -> int:
         group, element = struct.unpack(self.order + "HH", self.read(4, what))
@@ -178,7 +187,7 @@ def check_part10(fp: BinaryIO, size: int) -> Walk:
         if start == size:
             break
         group = struct.unpack("<H", s.read(2, "the file meta information"))[0]
-        fp.seek(start)
+        s.seek(start)
         if group != 0x0002:
             break
         tag = s.tag("the file meta information")
@@ -195,7 +204,7 @@ def check_part10(fp: BinaryIO, size: int) -> Walk:
             s.skip(length, "a file meta element")
     if not transfer_syntax:
         raise IncompleteDataset("file meta information has no Transfer Syntax UID (0002,0010)")
-    dataset_offset = fp.tell()
+    dataset_offset = s.pos()
     seen = check_dataset(fp, size, UID(transfer_syntax))
     return Walk(UID(transfer_syntax), seen, dataset_offset)
 
