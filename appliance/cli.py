@@ -2,6 +2,7 @@
 
     appliance run                 start every enabled service and keep them alive
     appliance dicom               the DICOM receiver alone (what its systemd unit runs)
+    appliance convert             the store-format converter alone ([storage] format)
     appliance status [--json]     what is running, images today, disk space
     appliance find [...] [--json] which images the gateway holds, and where
     appliance import PATH...      bring DICOM files in (a CD, a USB stick, a folder)
@@ -37,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("run", help="start every enabled service and keep them running")
     commands.add_parser("dicom", help="run the DICOM receiver (Verification + Storage SCP)")
+    commands.add_parser("convert", help="run the store-format converter ([storage] format)")
 
     status = commands.add_parser("status", help="what is running, images today, disk space")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -95,7 +97,7 @@ def _command_logging(quiet: bool) -> None:
 
 
 def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
-    if args.command not in ("run", "dicom"):
+    if args.command not in ("run", "dicom", "convert"):
         _command_logging(quiet=getattr(args, "json", False))
     if args.command == "run":
         from appliance.supervisor import Supervisor

@@ -27,9 +27,19 @@ def _dicom_main(settings: Settings) -> int:
     return run(settings)
 
 
+def _convert_main(settings: Settings) -> int:
+    from appliance.transcode.service import run
+
+    return run(settings)
+
+
 SERVICES: dict[str, ServiceSpec] = {
     "dicom": ServiceSpec(
         "dicom", "Verification and Storage SCP into the archive", lambda s: True, _dicom_main
+    ),
+    "convert": ServiceSpec(
+        "convert", "stores objects in [storage] format, after the ack",
+        lambda s: s.storage.format != "as-received", _convert_main,
     ),
 }
 

@@ -1,0 +1,24 @@
+"""The archive: layout, the one ingest door, the SQLite index, quarantine."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from appliance.archive.ingest import Archive
+    from appliance.config import Settings
+
+
+def open_archive(settings: Settings) -> Archive:
+    """The archive as every producer must use it: reserve and hooks from the settings.
+
+    The store-format rule ([storage] format) queues a conversion in the same
+    transaction as the index row, whoever brought the object in.
+    """
+    from appliance.archive.ingest import Archive
+    from appliance.transcode.pipeline import StorePolicy
+
+    archive = Archive(settings.data_dir, min_free_bytes=settings.node.min_free_mb * 1_000_000)
+    if settings.storage.format != "as-received":
+        archive.on_indexed.append(StorePolicy(settings.storage).queue_conversion)
+    return archive

@@ -17,11 +17,30 @@ from typing import Any
 
 from appliance.archive.record import InstanceRecord
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+CONVERSION_TABLES = """
+CREATE TABLE IF NOT EXISTS conversions (
+    id INTEGER PRIMARY KEY,
+    sop_instance_uid TEXT NOT NULL UNIQUE,
+    target_syntax TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    detail TEXT NOT NULL DEFAULT '',
+    updated_at TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS conversions_state ON conversions(state);
+CREATE TABLE IF NOT EXISTS derivations (
+    original_sop_instance_uid TEXT PRIMARY KEY,
+    derived_sop_instance_uid TEXT NOT NULL,
+    original_dataset_sha256 TEXT NOT NULL
+)
+"""
 
 # Steps from one schema version to the next, applied in order to an older index.
 MIGRATIONS = {
     2: "ALTER TABLE instances ADD COLUMN dataset_sha256 TEXT NOT NULL DEFAULT ''",
+    3: CONVERSION_TABLES,
 }
 
 SCHEMA = """
@@ -72,7 +91,7 @@ CREATE INDEX IF NOT EXISTS series_study ON series(study_ref);
 CREATE INDEX IF NOT EXISTS series_modality ON series(modality);
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_ref);
 CREATE INDEX IF NOT EXISTS instances_received ON instances(received_at);
-"""
+""" + CONVERSION_TABLES + ";"
 
 INSTANCE_VIEW = """
 SELECT i.sop_instance_uid, i.sop_class_uid, i.instance_number, i.transfer_syntax_uid,
@@ -230,6 +249,13 @@ class Index:
         row = self.connection().execute(
             "SELECT path, sha256, dataset_sha256 FROM instances WHERE sop_instance_uid = ?",
             (sop_instance_uid,),
+        ).fetchone()
+        return dict(row) if row else None
+
+    def derivation(self, original_sop_instance_uid: str) -> dict[str, Any] | None:
+        """The lossy-compressed instance the archive keeps in place of an original."""
+        row = self.connection().execute(
+            "SELECT * FROM derivations WHERE original_sop_instance_uid = ?", (original_sop_instance_uid,)
         ).fetchone()
         return dict(row) if row else None
 

@@ -134,11 +134,15 @@ class Archive:
         calling_ae: str = "",
         source: str = "",
         received: dt.datetime | None = None,
+        keep_previous: bool = True,
     ) -> Stored:
         """Archive the complete Part 10 file `temp`, which lies in our temp dir.
 
         The temp file is consumed: moved into the tree, into quarantine, or
         removed. Raises OutOfSpace (try later) or Rejected (quarantined).
+        `keep_previous=False` is for the store-format conversion: the previous
+        file holds the same image in another encoding and is removed, not kept
+        under replaced/.
         """
         received = received or now_local()
         try:
@@ -170,7 +174,7 @@ class Archive:
         try:
             with self._instance_lock(record.sop_instance_uid):
                 return self._place(temp, record, digest, dataset_offset, size, calling_ae, source,
-                               received)
+                               received, keep_previous)
         except (OSError, sqlite3.Error) as exc:
             # The lock file or the index lookup failed before _place took the
             # temp file over (or _place already dropped it): never leave it behind.
@@ -189,6 +193,7 @@ class Archive:
         calling_ae: str,
         source: str,
         received: dt.datetime,
+        keep_previous: bool = True,
     ) -> Stored:
         relative = layout.instance_path(
             study_date=record.study_date,
@@ -202,6 +207,11 @@ class Archive:
         old_path = self.data_dir / existing["path"] if existing is not None else None
         if old_path is not None and not old_path.is_file():
             old_path = None  # known instance whose file is gone (purged): store anew
+        if existing is None:
+            derived = self._kept_as_derivation(record.sop_instance_uid, temp, dataset_offset)
+            if derived is not None:
+                _discard(temp)
+                return Stored("duplicate", record, derived, "", size)
         if existing is not None and old_path is not None:
             if _dataset_digest(temp, dataset_offset) == _stored_dataset_digest(existing, old_path):
                 _discard(temp)
@@ -235,6 +245,10 @@ class Archive:
             raise
         if old_path is None:
             return Stored("stored", record, target, digest, size)
+        if not keep_previous:
+            if old_path != target:
+                _discard(old_path)
+            return Stored("replaced", record, target, digest, size)
         kept = self.replaced_dir / received.strftime("%Y%m%d-%H%M%S-%f") / existing["path"]
         try:
             durable.move_durable(old_path, kept)
@@ -247,6 +261,27 @@ class Archive:
             record.sop_instance_uid, calling_ae or source, target, kept,
         )
         return Stored("replaced", record, target, digest, size)
+
+    def _kept_as_derivation(self, sop_instance_uid: str, temp: Path, dataset_offset: int) -> Path | None:
+        """The archive stores this original lossy-compressed under another UID: the
+        same original received again is a duplicate, not a new image to compress
+        once more (which would give the PACS a second copy)."""
+        derivation = self.index.derivation(sop_instance_uid)
+        if derivation is None:
+            return None
+        if _dataset_digest(temp, dataset_offset) != derivation["original_dataset_sha256"]:
+            return None
+        derived = self.index.stored_file(derivation["derived_sop_instance_uid"])
+        return self.data_dir / derived["path"] if derived else None
+
+    def remove_instance(self, sop_instance_uid: str, conn: sqlite3.Connection) -> Path | None:
+        """Drop an instance's row inside the caller's transaction; return its file,
+        which the caller removes once the transaction is committed."""
+        row = conn.execute(
+            "SELECT path FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+        ).fetchone()
+        conn.execute("DELETE FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,))
+        return self.data_dir / row[0] if row else None
 
     def ingest_bytes(self, data: bytes, **kwargs) -> Stored:
         """Archive a Part 10 byte string (a dicomizer's output, a test)."""

@@ -16,7 +16,8 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from appliance.archive.ingest import Archive, OutOfSpace, Rejected
+from appliance.archive import open_archive
+from appliance.archive.ingest import OutOfSpace, Rejected
 from appliance.config import Settings
 
 MEDIA_DIRECTORY_CLASS = b"1.2.840.10008.1.3.10"
@@ -59,8 +60,7 @@ def _looks_like_raw_dataset(head: bytes) -> bool:
 
 
 def run_import(settings: Settings, paths: list[Path], log_line=print) -> Counter:
-    node = settings.node
-    archive = Archive(node.data_dir, min_free_bytes=node.min_free_mb * 1_000_000)
+    archive = open_archive(settings)
     tally: Counter = Counter()
     for path in walk(paths):
         reason = _skip_reason(path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 
-from appliance.archive.ingest import Archive
+from appliance.archive import open_archive
 from appliance.config import Settings
 from appliance.dicom.scp import DicomService
 from appliance.service import ServiceShell
@@ -17,7 +17,7 @@ def run(settings: Settings) -> int:
     node = settings.node
     try:
         shell = ServiceShell("dicom", settings)
-        archive = Archive(node.data_dir, min_free_bytes=node.min_free_mb * 1_000_000)
+        archive = open_archive(settings)
         archive.cleanup_temp()
     except (OSError, sqlite3.Error) as exc:
         log.error("cannot use data_dir %s: %s; check [node] data_dir, the disk and its permissions",

@@ -84,8 +84,15 @@ class Quality:
         return 0.0001 * 2 ** ((100 - self.level) / 10)
 
 
-def convert(ds: Dataset, target: str, quality: Quality | None = None) -> Conversion:
-    """A copy of `ds` with its pixel data in `target`; `ds` itself is not modified."""
+def convert(
+    ds: Dataset, target: str, quality: Quality | None = None, derived_uid: str | None = None
+) -> Conversion:
+    """A copy of `ds` with its pixel data in `target`; `ds` itself is not modified.
+
+    `derived_uid` is the SOP Instance UID a lossy result gets (a fresh one if
+    None): the store pipeline derives it from the original so a retry makes
+    the same instance.
+    """
     quality = quality or Quality()
     source = str(ds.file_meta.TransferSyntaxUID)
     if source == target:
@@ -106,7 +113,7 @@ def convert(ds: Dataset, target: str, quality: Quality | None = None) -> Convers
         native.file_meta.TransferSyntaxUID = target
         return Conversion(native, source, target, False, None)
     try:
-        return _encode(native, source, target, quality)
+        return _encode(native, source, target, quality, derived_uid)
     except CannotConvert:
         raise
     except Exception as exc:  # codecs raise many types; the caller keeps the original
@@ -229,7 +236,9 @@ def _unsigned(frame: np.ndarray, bits_stored: int) -> np.ndarray:
     return frame.view(unsigned) & np.array((1 << bits_stored) - 1, dtype=unsigned)
 
 
-def _encode(native: Dataset, source: str, target: str, quality: Quality) -> Conversion:
+def _encode(
+    native: Dataset, source: str, target: str, quality: Quality, derived_uid: str | None = None
+) -> Conversion:
     frames = _frames(native)
     bits_stored = int(native.BitsStored)
     samples = int(native.get("SamplesPerPixel", 1))
@@ -299,7 +308,7 @@ def _encode(native: Dataset, source: str, target: str, quality: Quality) -> Conv
     if lossy:
         native_size = frames.size * frames.dtype.itemsize
         ratio = native_size / max(1, sum(len(f) for f in encoded))
-        _mark_lossy(out, target, ratio)
+        _mark_lossy(out, target, ratio, derived_uid)
     return Conversion(out, source, target, lossy, ratio)
 
 
@@ -341,7 +350,7 @@ def _rle(native: Dataset, frame: np.ndarray) -> bytes:
     )
 
 
-def _mark_lossy(ds: Dataset, target: str, ratio: float) -> None:
+def _mark_lossy(ds: Dataset, target: str, ratio: float, derived_uid: str | None = None) -> None:
     """PS3.3 C.7.6.1.1.5: flag, ratio and method; DERIVED; a new SOP Instance UID."""
     ratios = [str(v) for v in _values(ds.get("LossyImageCompressionRatio"))]
     methods = [str(v) for v in _values(ds.get("LossyImageCompressionMethod"))]
@@ -362,7 +371,7 @@ def _mark_lossy(ds: Dataset, target: str, ratio: float) -> None:
     purpose.CodeMeaning = "Uncompressed predecessor"
     predecessor.PurposeOfReferenceCodeSequence = Sequence([purpose])
     ds.SourceImageSequence = Sequence([*ds.get("SourceImageSequence", []), predecessor])
-    ds.SOPInstanceUID = uid.generate_uid()
+    ds.SOPInstanceUID = derived_uid or uid.generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
 
 

@@ -1,0 +1,149 @@
+"""[storage] format: objects are acked as received, then stored in the site's format."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom import uid
+
+from tests.conftest import REPO, TEST_FILES, storescu
+
+
+def _append_storage(config: Path, **storage: object) -> None:
+    lines = ["", "[storage]"] + [f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v}"
+                                 for k, v in storage.items()]
+    with open(config, "a", encoding="utf-8") as fp:
+        fp.write("\n".join(lines) + "\n")
+
+
+class _Converter:
+    def __init__(self, gateway) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "appliance", "--config", str(gateway.config), "convert"],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def stop(self) -> str:
+        self.process.terminate()
+        out, _ = self.process.communicate(timeout=30)
+        assert self.process.returncode == 0, out
+        return out
+
+
+def _gateway(make_appliance, **storage: object):
+    gateway = make_appliance(start=False)
+    _append_storage(gateway.config, **storage)
+    gateway.start()
+    return gateway
+
+
+def _wait_for(predicate, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError("timed out")
+
+
+def test_lossless_store_keeps_the_uid_and_every_pixel(make_appliance) -> None:
+    gateway = _gateway(make_appliance, format="lossless")
+    source = TEST_FILES / "CT_small.dcm"
+    assert storescu(gateway.port, [source]).returncode == 0
+    (received,) = gateway.find()
+    assert received["transfer_syntax_uid"] == uid.ExplicitVRLittleEndian, "acked as received"
+    converter = _Converter(gateway)
+    try:
+        row = _wait_for(lambda: [r for r in gateway.find()
+                                 if r["transfer_syntax_uid"] == uid.JPEGLSLossless])[0]
+    finally:
+        log = converter.stop()
+    assert row["sop_instance_uid"] == received["sop_instance_uid"]
+    assert np.array_equal(pydicom.dcmread(row["path"]).pixel_array, pydicom.dcmread(source).pixel_array)
+    assert not Path(received["path"]).exists() or received["path"] == row["path"]
+    assert not (gateway.data_dir / "replaced").exists(), "the same image is not kept twice"
+    assert row["received_at"] == received["received_at"] and row["calling_ae"] == "STORESCU"
+    assert "stored as JPEG-LS Lossless" in log
+
+
+def test_lossy_store_makes_a_derived_instance_and_a_resend_is_a_duplicate(make_appliance) -> None:
+    gateway = _gateway(make_appliance, format="lossy", lossy_syntax="JPEG2000")
+    source = TEST_FILES / "CT_small.dcm"
+    original_uid = pydicom.dcmread(source).SOPInstanceUID
+    assert storescu(gateway.port, [source]).returncode == 0
+    converter = _Converter(gateway)
+    try:
+        (row,) = _wait_for(lambda: [r for r in gateway.find()
+                                    if r["transfer_syntax_uid"] == uid.JPEG2000])
+    finally:
+        converter.stop()
+    assert row["sop_instance_uid"] != original_uid
+    ds = pydicom.dcmread(row["path"])
+    assert ds.LossyImageCompression == "01" and ds.ImageType[0] == "DERIVED"
+    assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == original_uid
+    assert len(gateway.find()) == 1, "the original is replaced by its lossy version"
+    # The modality sends the original again: a duplicate, not a second lossy copy.
+    result = storescu(gateway.port, [source])
+    assert "Received Store Response (Success)" in result.stdout + result.stderr
+    assert [r["sop_instance_uid"] for r in gateway.find()] == [row["sop_instance_uid"]]
+
+
+def test_lossy_data_is_never_recompressed_losslessly(make_appliance) -> None:
+    gateway = _gateway(make_appliance, format="lossless")
+    source = TEST_FILES / "SC_rgb_dcmtk_+eb+cy+np.dcm"  # JPEG baseline
+    assert storescu(gateway.port, [source], "-xy").returncode == 0
+    converter = _Converter(gateway)
+    time.sleep(2)
+    converter.stop()
+    (row,) = gateway.find()
+    assert row["transfer_syntax_uid"] == uid.JPEGBaseline8Bit
+
+
+def test_what_cannot_be_converted_stays_as_received(make_appliance) -> None:
+    gateway = _gateway(make_appliance, format="lossy", lossy_syntax="JPEGBaseline8Bit")
+    source = TEST_FILES / "CT_small.dcm"  # 16-bit: JPEG Baseline cannot hold it
+    assert storescu(gateway.port, [source]).returncode == 0
+    converter = _Converter(gateway)
+    db = gateway.data_dir / "index.sqlite"
+
+    def kept() -> bool:
+        import sqlite3
+
+        with sqlite3.connect(db) as conn:
+            row = conn.execute("SELECT state, detail FROM conversions").fetchone()
+        return row is not None and row[0] == "kept" and "8-bit" in row[1]
+
+    try:
+        _wait_for(kept)
+    finally:
+        log = converter.stop()
+    (row,) = gateway.find()
+    assert row["transfer_syntax_uid"] == uid.ExplicitVRLittleEndian
+    assert "stays as received" in log
+
+
+def test_uncompressed_store_decompresses(make_appliance) -> None:
+    gateway = _gateway(make_appliance, format="uncompressed")
+    source = TEST_FILES / "MR_small_jp2klossless.dcm"
+    assert storescu(gateway.port, [source], "-xv").returncode == 0
+    converter = _Converter(gateway)
+    try:
+        (row,) = _wait_for(lambda: [r for r in gateway.find()
+                                    if r["transfer_syntax_uid"] == uid.ExplicitVRLittleEndian])
+    finally:
+        converter.stop()
+    assert np.array_equal(pydicom.dcmread(row["path"]).pixel_array,
+                          pydicom.dcmread(source).pixel_array)
+
+
+def test_status_shows_the_converter(make_appliance) -> None:
+    gateway = _gateway(make_appliance, format="lossless")
+    report = json.loads(gateway.cli("status", "--json", check=False).stdout)
+    convert = next(s for s in report["services"] if s["service"] == "convert")
+    assert convert["enabled"] and convert["state"] == "stopped"
