@@ -97,6 +97,29 @@ def convert(
     source = str(ds.file_meta.TransferSyntaxUID)
     if source == target:
         return Conversion(copy.deepcopy(ds), source, target, False, None)
+    result = _convert(ds, source, target, quality, derived_uid)
+    _match_encoding(result.dataset, target)
+    return result
+
+
+def _match_encoding(ds: Dataset, target: str) -> None:
+    """Make the dataset's own encoding agree with its new transfer syntax.
+
+    pydicom keeps the encoding a dataset was read in, and pynetdicom refuses
+    to send an Explicit VR dataset as Implicit: every element is decoded
+    first (so none is left to be parsed in the wrong encoding), then the
+    encoding is set to the target's.
+    """
+    for _element in ds.iterall():
+        pass
+    implicit = target == uid.ImplicitVRLittleEndian
+    little = target != uid.ExplicitVRBigEndian
+    ds.set_original_encoding(implicit, little, ds.original_character_set)
+
+
+def _convert(
+    ds: Dataset, source: str, target: str, quality: Quality, derived_uid: str | None
+) -> Conversion:
     if class_of(source) is None or class_of(target) is None:
         raise CannotConvert(f"{name_of(source)} -> {name_of(target)}: video and unknown "
                             "syntaxes are kept as they are")

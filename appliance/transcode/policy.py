@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pydicom import uid
 
-from appliance.transcode.syntaxes import UNIVERSAL, class_of, expand, members
+from appliance.transcode.syntaxes import UNIVERSAL, class_of, expand, members, resolve
 
 STORE_FORMATS = ("uncompressed", "lossless", "lossy", "as-received")
 
@@ -47,7 +47,10 @@ def send_candidates(stored: str, accepts: list[str] | tuple[str, ...]) -> list[s
     current = class_of(stored)
     ordered: list[str] = []
     for entry in accepts:
-        group = list(members(entry)) if entry in ("uncompressed", "lossless", "lossy") else [entry]
+        if entry in ("uncompressed", "lossless", "lossy"):
+            group = list(members(entry))
+        else:
+            group = [resolve(entry) or entry]  # a UID, or pydicom's keyword for one
         if stored in group:
             group.remove(stored)
             group.insert(0, stored)

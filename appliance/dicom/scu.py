@@ -1,0 +1,134 @@
+"""Sending archived objects to a destination in a syntax it accepts (the send rule).
+
+For each object the association proposes the syntaxes the send rule allows,
+one presentation context per syntax (NOTES.md: as requestor, offer one
+syntax per context), in the destination's order of preference, closed by
+Explicit and Implicit VR Little Endian, which every DICOM node must take.
+Once the destination has answered, each object is converted to the best
+syntax it actually accepted; if that conversion is impossible (a codec
+refuses the image), the next accepted one is tried. pynetdicom never
+transcodes by itself: this module is where it happens.
+
+The forwarder (issue 4) drives `StoreSender` with its durable queue; the
+sender itself knows nothing of queues or retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+
+from appliance.transcode.convert import CannotConvert, Quality, convert
+from appliance.transcode.policy import send_candidates
+from appliance.transcode.syntaxes import name_of
+
+log = logging.getLogger("appliance.send")
+
+MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1-255
+CANDIDATES_PER_CLASS = 6
+
+
+@dataclass(frozen=True)
+class Destination:
+    ae_title: str
+    host: str
+    port: int
+    accepts: tuple[str, ...] = ("uncompressed",)
+
+
+@dataclass(frozen=True)
+class SendResult:
+    path: Path
+    sop_instance_uid: str  # as sent (a lossy step makes a new one)
+    transfer_syntax: str  # as sent
+    status: int | None  # DIMSE status, None when the object could not be sent
+    detail: str = ""
+
+
+def _nodelay(event: evt.Event) -> None:
+    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _read(path: Path) -> Dataset:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pydicom.dcmread(path)
+
+
+class StoreSender:
+    """Sends a batch of files (a study, say) over one association."""
+
+    def __init__(self, calling_ae: str, quality: Quality | None = None, timeout: float = 30.0) -> None:
+        self.calling_ae = calling_ae
+        self.quality = quality or Quality()
+        self.timeout = timeout
+
+    def plan(self, datasets: Sequence[Dataset], accepts: Sequence[str]) -> list[tuple[str, str]]:
+        """(SOP class, syntax) contexts to propose, in preference order, at most 128."""
+        contexts: list[tuple[str, str]] = []
+        for ds in datasets:
+            candidates = send_candidates(str(ds.file_meta.TransferSyntaxUID), accepts)
+            preferred, universal = candidates[:-2][:CANDIDATES_PER_CLASS], candidates[-2:]
+            for syntax in [*preferred, *universal]:
+                pair = (str(ds.SOPClassUID), syntax)
+                if pair not in contexts:
+                    contexts.append(pair)
+        if len(contexts) > MAX_CONTEXTS:
+            raise ValueError(f"{len(contexts)} presentation contexts needed; send in smaller batches")
+        return contexts
+
+    def send(self, paths: Sequence[Path], destination: Destination) -> list[SendResult]:
+        datasets = [_read(p) for p in paths]
+        ae = AE(ae_title=self.calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
+        for sop_class, syntax in self.plan(datasets, destination.accepts):
+            ae.add_requested_context(sop_class, syntax)
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+        if not assoc.is_established:
+            raise ConnectionError(
+                f"association with {destination.ae_title}@{destination.host}:{destination.port} "
+                "was not established (rejected, aborted or unreachable)"
+            )
+        try:
+            return [self._send_one(assoc, path, ds, destination) for path, ds in zip(paths, datasets,
+                                                                                    strict=True)]
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    def _send_one(self, assoc, path: Path, ds: Dataset, destination: Destination) -> SendResult:
+        stored = str(ds.file_meta.TransferSyntaxUID)
+        accepted = {str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts
+                    if cx.abstract_syntax == ds.SOPClassUID}
+        reasons: list[str] = []
+        for syntax in send_candidates(stored, destination.accepts):
+            if syntax not in accepted:
+                continue
+            try:
+                outgoing = convert(ds, syntax, self.quality).dataset
+            except CannotConvert as exc:
+                reasons.append(f"{name_of(syntax)}: {exc}")
+                continue
+            status = assoc.send_c_store(outgoing)
+            code = int(status.Status) if status and "Status" in status else None
+            if syntax != stored:
+                log.info("%s sent to %s as %s (stored as %s)", ds.SOPInstanceUID, destination.ae_title,
+                         name_of(syntax), name_of(stored))
+            return SendResult(path, str(outgoing.SOPInstanceUID), syntax, code,
+                              "" if code is not None else "no response (association lost)")
+        detail = "; ".join(reasons) or (
+            f"{destination.ae_title} accepted no syntax this object can be sent in "
+            f"(offered {', '.join(name_of(s) for s in send_candidates(stored, destination.accepts))})"
+        )
+        return SendResult(path, str(ds.SOPInstanceUID), stored, None, detail)

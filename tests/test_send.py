@@ -1,0 +1,97 @@
+"""The send rule on the wire: DCMTK storescp as a destination that takes little or everything."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom import uid
+
+from appliance.dicom.scu import Destination, StoreSender
+from tests.conftest import STORESCP, TEST_FILES, dcmtk_env, echo, free_port
+
+
+@pytest.fixture
+def storescp(tmp_path: Path):
+    """start(options) -> (port, output folder): a DCMTK storescp with the given proposal policy."""
+    started = []
+
+    def start(*options: str) -> tuple[int, Path]:
+        out = tmp_path / f"received{len(started)}"
+        out.mkdir()
+        port = free_port()
+        proc = subprocess.Popen([STORESCP, *options, "-aet", "PACS", "-od", str(out), str(port)],
+                                env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started.append(proc)
+        deadline = time.monotonic() + 10
+        while echo(port, aec="PACS") != 0:
+            assert time.monotonic() < deadline, "storescp did not start"
+            time.sleep(0.1)
+        return port, out
+
+    yield start
+    for proc in started:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _received(out: Path) -> list[pydicom.Dataset]:
+    return [pydicom.dcmread(p) for p in sorted(out.iterdir())]
+
+
+def test_implicit_only_destination_gets_everything_uncompressed(storescp) -> None:
+    port, out = storescp("+xi")
+    files = [TEST_FILES / n for n in ("MR_small_jp2klossless.dcm", "CT_small.dcm", "SC_rgb_rle.dcm",
+                                      "JPEG2000.dcm")]
+    results = StoreSender("GATEWAY").send(files, Destination("PACS", "127.0.0.1", port, ("lossless",)))
+    assert [r.status for r in results] == [0, 0, 0, 0]
+    assert {r.transfer_syntax for r in results} == {uid.ImplicitVRLittleEndian}
+    received = {ds.SOPInstanceUID: ds for ds in _received(out)}
+    for path in files:
+        source = pydicom.dcmread(path)
+        got = received[source.SOPInstanceUID]
+        assert got.file_meta.TransferSyntaxUID == uid.ImplicitVRLittleEndian
+        assert np.array_equal(got.pixel_array, source.pixel_array)
+
+
+def test_lossless_destination_gets_its_syntax(storescp) -> None:
+    port, out = storescp("+xt")  # prefers JPEG-LS lossless
+    results = StoreSender("GATEWAY").send([TEST_FILES / "CT_small.dcm"],
+                                          Destination("PACS", "127.0.0.1", port, ("JPEGLSLossless",)))
+    assert results[0].status == 0 and results[0].transfer_syntax == uid.JPEGLSLossless
+    (got,) = _received(out)
+    assert got.file_meta.TransferSyntaxUID == uid.JPEGLSLossless
+    assert np.array_equal(got.pixel_array, pydicom.dcmread(TEST_FILES / "CT_small.dcm").pixel_array)
+    assert got.SOPInstanceUID == pydicom.dcmread(TEST_FILES / "CT_small.dcm").SOPInstanceUID
+
+
+def test_lossy_destination_gets_a_derived_instance(storescp) -> None:
+    port, out = storescp("+xw")  # prefers JPEG 2000 (lossy)
+    source = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    (result,) = StoreSender("GATEWAY").send([TEST_FILES / "CT_small.dcm"],
+                                            Destination("PACS", "127.0.0.1", port, ("lossy",)))
+    assert result.status == 0 and result.transfer_syntax == uid.JPEG2000
+    (got,) = _received(out)
+    assert got.LossyImageCompression == "01"
+    assert got.SOPInstanceUID == result.sop_instance_uid != source.SOPInstanceUID
+
+
+def test_stored_lossy_is_never_sent_as_a_lossless_reencode(storescp) -> None:
+    port, out = storescp("+xa")
+    source = TEST_FILES / "SC_rgb_dcmtk_+eb+cy+np.dcm"  # JPEG baseline
+    (result,) = StoreSender("GATEWAY").send([source], Destination("PACS", "127.0.0.1", port,
+                                                                 ("lossless",)))
+    assert result.status == 0
+    assert result.transfer_syntax == uid.ExplicitVRLittleEndian, "decompressed, not re-encoded lossless"
+    (got,) = _received(out)
+    assert got.file_meta.TransferSyntaxUID == uid.ExplicitVRLittleEndian
+
+
+def test_unreachable_destination_is_a_clear_error() -> None:
+    with pytest.raises(ConnectionError, match=r"PACS@127\.0\.0\.1"):
+        StoreSender("GATEWAY", timeout=3).send([TEST_FILES / "CT_small.dcm"],
+                                               Destination("PACS", "127.0.0.1", free_port()))
