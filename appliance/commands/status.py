@@ -105,6 +105,8 @@ def render(report: dict[str, Any]) -> str:
             detail = f"  pid {entry.get('pid')}"
             if "associations" in entry:
                 detail += f", {entry['associations']} association(s) open"
+            if "backlog" in entry:
+                detail += f", {entry['backlog']} object(s) waiting to be stored as {entry.get('format')}"
         lines.append(f"  {entry['service']:<10} {entry['state']}{detail}")
     archive = report["archive"]
     disk = report["disk"]
