@@ -153,12 +153,73 @@ class StorageSettings:
         return syntaxes.UNIVERSAL[0]
 
 
+def check_accepts(value: tuple[str, ...]) -> str | None:
+    from appliance.transcode import syntaxes
+
+    if not value:
+        return "list at least one class or syntax (every node takes \"uncompressed\")"
+    for entry in value:
+        if entry not in syntaxes.CLASSES and syntaxes.resolve(entry) is None:
+            return (f"{entry!r} is neither a class (uncompressed, lossless, lossy) nor a transfer "
+                    "syntax UID or pydicom keyword")
+    return None
+
+
+def check_name(value: str) -> str | None:
+    ok = value and all(c.isalnum() or c in "-_." for c in value) and len(value) <= 32
+    return None if ok else "1-32 letters, digits, '-', '_' or '.'"
+
+
+def check_nonempty(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+@dataclass(frozen=True)
+class MatchSettings:
+    """Which objects go to a destination; every list given must match, empty = any."""
+
+    modality: tuple[str, ...] = _checked((), None, "Modality values, e.g. [\"CR\", \"DX\"]")
+    calling_ae: tuple[str, ...] = _checked((), None, "calling AE titles of the senders")
+    sop_class: tuple[str, ...] = _checked((), None, "SOP Class UIDs")
+    station_name: tuple[str, ...] = _checked((), None, "Station Name values")
+    patient_id: str = _checked("", None, "a glob pattern on Patient ID, e.g. \"H*\"")
+
+
+@dataclass(frozen=True)
+class DestinationSettings:
+    """[[destination]]: a PACS or workstation the gateway forwards to."""
+
+    name: str = _checked(dataclasses.MISSING, check_name, "short name used in commands")
+    ae_title: str = _checked(dataclasses.MISSING, check_ae_title, "the destination's AE title")
+    host: str = _checked(dataclasses.MISSING, check_nonempty, "host name or IP address")
+    port: int = _checked(dataclasses.MISSING, check_port, "its DICOM port")
+    accepts: tuple[str, ...] = _checked(
+        ("uncompressed",), check_accepts, "classes or syntaxes it takes, by preference"
+    )
+    match: MatchSettings = field(default_factory=MatchSettings, metadata={"doc": "routing rule"})
+    max_associations: int = _checked(1, check_positive, "parallel associations to it")
+    echo_interval: float = _checked(60.0, check_positive, "seconds between C-ECHO health checks")
+
+
+@dataclass(frozen=True)
+class ForwardSettings:
+    """[forward]: how the forwarder retries."""
+
+    first_backoff_seconds: float = _checked(5.0, check_positive, "first wait after a failure")
+    max_backoff_seconds: float = _checked(600.0, check_positive, "longest wait between tries")
+    max_attempts: int = _checked(5, check_positive, "tries before an object a destination refuses "
+                                 "is marked failed")
+    batch_size: int = _checked(200, check_positive, "objects of one study per association at most")
+
+
 @dataclass(frozen=True)
 class Settings:
     """All sections. `source` names the file they came from, for messages."""
 
     node: NodeSettings = field(default_factory=NodeSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
+    forward: ForwardSettings = field(default_factory=ForwardSettings)
+    destinations: tuple[DestinationSettings, ...] = ()
     source: str = "embedded defaults"
 
     @property
@@ -166,7 +227,10 @@ class Settings:
         return self.node.data_dir
 
 
-SECTIONS: dict[str, type] = {"node": NodeSettings, "storage": StorageSettings}
+SECTIONS: dict[str, type] = {"node": NodeSettings, "storage": StorageSettings,
+                             "forward": ForwardSettings}
+# Sections written [[name]], one table per item: name -> (Settings attribute, class).
+LIST_SECTIONS: dict[str, tuple[str, type]] = {"destination": ("destinations", DestinationSettings)}
 
 
 # --- loading ------------------------------------------------------------------
@@ -222,6 +286,9 @@ def build_section(cls: type, table: Any, source: str, name: str) -> Any:
         hint = hints[key]
         if isinstance(hint, types.UnionType):
             hint = typing.get_args(hint)[0]
+        if dataclasses.is_dataclass(hint):
+            values[key] = build_section(hint, raw, source, f"{name}.{key}")
+            continue
         try:
             value = _coerce(hint, raw)
         except TypeError:
@@ -233,6 +300,15 @@ def build_section(cls: type, table: Any, source: str, name: str) -> Any:
         if problem:
             raise ConfigError(f"{source}: [{name}] {key} = {raw!r} is not allowed: {problem}")
         values[key] = value
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in values and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{source}: [{name}] is missing {', '.join(repr(m) for m in missing)}")
+    check = getattr(cls, "check_whole", None)
+    problem = check(values) if check else None
+    if problem:
+        raise ConfigError(f"{source}: [{name}]: {problem}")
     return cls(**values)
 
 
@@ -243,8 +319,20 @@ def parse(text: str, source: str) -> Settings:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
     sections: dict[str, Any] = {}
     for name, table in document.items():
+        if name in LIST_SECTIONS:
+            attribute, cls = LIST_SECTIONS[name]
+            if not isinstance(table, list):
+                raise ConfigError(f"{source}: write [[{name}]] (one per {name}), not [{name}]")
+            built = [build_section(cls, item, source, f"{name} #{n}")
+                     for n, item in enumerate(table, start=1)]
+            names = [item.name for item in built]
+            duplicates = sorted({n for n in names if names.count(n) > 1})
+            if duplicates:
+                raise ConfigError(f"{source}: [[{name}]] name {duplicates[0]!r} is used twice")
+            sections[attribute] = tuple(built)
+            continue
         if name not in SECTIONS:
-            allowed = ", ".join(f"[{s}]" for s in SECTIONS)
+            allowed = ", ".join([*(f"[{s}]" for s in SECTIONS), *(f"[[{s}]]" for s in LIST_SECTIONS)])
             raise ConfigError(f"{source}: unknown section [{name}]; allowed sections: {allowed}")
         sections[name] = build_section(SECTIONS[name], table, source, name)
     settings = Settings(**sections, source=source)
@@ -289,12 +377,28 @@ def to_toml(settings: Settings) -> str:
     """The settings in force, as TOML a field engineer can copy into a file."""
     lines: list[str] = []
     for name in SECTIONS:
-        section = getattr(settings, name)
         lines.append(f"[{name}]")
-        for f in dataclasses.fields(section):
-            lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}")
+        lines.extend(_toml_fields(getattr(settings, name)))
         lines.append("")
+    for name, (attribute, _cls) in LIST_SECTIONS.items():
+        for item in getattr(settings, attribute):
+            lines.append(f"[[{name}]]")
+            lines.extend(_toml_fields(item))
+            lines.append("")
     return "\n".join(lines)
+
+
+def _toml_fields(section: Any) -> list[str]:
+    lines = []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            inner = ", ".join(f"{g.name} = {_toml_value(getattr(value, g.name))}"
+                              for g in dataclasses.fields(value))
+            lines.append(f"{f.name} = {{ {inner} }}")
+        else:
+            lines.append(f"{f.name} = {_toml_value(value)}")
+    return lines
 
 
 def _toml_value(value: Any) -> str:

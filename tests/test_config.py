@@ -98,3 +98,55 @@ def test_config_show_round_trips(tmp_path: Path) -> None:
     again = tmp_path / "again.toml"
     again.write_text(shown)
     assert config.load(again).node == config.load(path).node
+
+
+DESTINATIONS = """
+[[destination]]
+name = "pacs"
+ae_title = "ORTHANC"
+host = "127.0.0.1"
+port = 4242
+accepts = ["uncompressed"]
+match = { modality = ["CR", "DX", "CT"] }   # omitted = everything
+
+[[destination]]
+name = "osirix"
+ae_title = "OSIRIX"
+host = "192.0.2.10"
+port = 11112
+accepts = ["lossless", "1.2.840.10008.1.2.4.50"]
+"""
+
+
+def test_destinations_as_the_issue_writes_them(tmp_path: Path) -> None:
+    path = tmp_path / "d.toml"
+    path.write_text(DESTINATIONS)
+    pacs, osirix = config.load(path).destinations
+    assert (pacs.name, pacs.ae_title, pacs.host, pacs.port) == ("pacs", "ORTHANC", "127.0.0.1", 4242)
+    assert pacs.accepts == ("uncompressed",) and pacs.match.modality == ("CR", "DX", "CT")
+    assert osirix.match.modality == () and osirix.accepts[1] == "1.2.840.10008.1.2.4.50"
+    shown = run_cli(path, "config", "show", timeout=30).stdout
+    again = tmp_path / "again.toml"
+    again.write_text(shown)
+    assert config.load(again).destinations == config.load(path).destinations
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[[destination]]\nname = "a"\nae_title = "B"\nhost = "h"\n', "[destination #1] is missing 'port'"),
+        ('[destination]\nname = "a"\n', "write [[destination]]"),
+        ('[[destination]]\nname = "a"\nae_title = "B"\nhost = "h"\nport = 1\nmatch = { modalty = ["CR"] }\n',
+         "[destination #1.match] has unknown key 'modalty'"),
+        ('[[destination]]\nname = "a"\nae_title = "B"\nhost = "h"\nport = 1\naccepts = ["zip"]\n',
+         "'zip' is neither a class"),
+        ('[[destination]]\nname = "a"\nae_title = "B"\nhost = "h"\nport = 1\n'
+         '[[destination]]\nname = "a"\nae_title = "C"\nhost = "h"\nport = 2\n', "name 'a' is used twice"),
+    ],
+)
+def test_wrong_destinations_are_named(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(path)
+    assert expected in str(caught.value)
