@@ -3,6 +3,9 @@
     appliance run                 start every enabled service and keep them alive
     appliance dicom               the DICOM receiver alone (what its systemd unit runs)
     appliance convert             the store-format converter alone ([storage] format)
+    appliance forward             the forwarder alone ([[destination]] sections)
+    appliance queue [...]         the forward queue: list, retry, pause, resume
+    appliance send --to NAME ...  queue a study or a patient for a destination again
     appliance status [--json]     what is running, images today, disk space
     appliance find [...] [--json] which images the gateway holds, and where
     appliance import PATH...      bring DICOM files in (a CD, a USB stick, a folder)
@@ -39,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("run", help="start every enabled service and keep them running")
     commands.add_parser("dicom", help="run the DICOM receiver (Verification + Storage SCP)")
     commands.add_parser("convert", help="run the store-format converter ([storage] format)")
+    commands.add_parser("forward", help="run the forwarder ([[destination]] sections)")
 
     status = commands.add_parser("status", help="what is running, images today, disk space")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -63,6 +67,20 @@ def _parser() -> argparse.ArgumentParser:
     trans.add_argument("--to", required=True, metavar="CLASS|UID",
                        help="uncompressed, lossless, lossy ([storage] syntaxes), or a UID/keyword")
     trans.add_argument("--json", action="store_true", help="machine-readable report")
+
+    que = commands.add_parser("queue", help="forward queue: list, retry, pause, resume")
+    que.add_argument("action", nargs="?", choices=["retry", "pause", "resume"])
+    que.add_argument("targets", nargs="*", metavar="JOB|NAME")
+    que.add_argument("--destination", metavar="NAME")
+    que.add_argument("--state", choices=["pending", "sending", "done", "failed"])
+    que.add_argument("--all", action="store_true", help="with retry: every failed job")
+    que.add_argument("--json", action="store_true", help="one JSON object per job")
+
+    snd = commands.add_parser("send", help="queue archived images for a destination again")
+    snd.add_argument("--to", required=True, metavar="NAME")
+    which = snd.add_mutually_exclusive_group(required=True)
+    which.add_argument("--study", metavar="UID")
+    which.add_argument("--patient-id", metavar="ID")
 
     cfg = commands.add_parser("config", help="show the settings in force, or check a file")
     cfg.add_argument("action", choices=["show", "check"])
@@ -97,7 +115,7 @@ def _command_logging(quiet: bool) -> None:
 
 
 def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
-    if args.command not in ("run", "dicom", "convert"):
+    if args.command not in ("run", "dicom", "convert", "forward"):
         _command_logging(quiet=getattr(args, "json", False))
     if args.command == "run":
         from appliance.supervisor import Supervisor
@@ -132,6 +150,19 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
         except find.UsageError as exc:
             print(f"appliance find: {exc}", file=sys.stderr)
             return 2
+    if args.command in ("queue", "send"):
+        from appliance.commands import queue
+
+        if args.command == "send":
+            return queue.send(settings, args.to, args.study, args.patient_id)
+        if args.action == "retry":
+            return queue.retry(settings, args.targets, args.all)
+        if args.action in ("pause", "resume"):
+            if len(args.targets) != 1:
+                print(f"appliance queue {args.action}: give one destination name", file=sys.stderr)
+                return 2
+            return queue.pause(settings, args.targets[0], args.action == "pause")
+        return queue.show(settings, args.destination, args.state, args.json)
     if args.command == "transcode":
         from appliance.commands import transcode
 

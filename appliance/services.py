@@ -33,6 +33,12 @@ def _convert_main(settings: Settings) -> int:
     return run(settings)
 
 
+def _forward_main(settings: Settings) -> int:
+    from appliance.forward.service import run
+
+    return run(settings)
+
+
 SERVICES: dict[str, ServiceSpec] = {
     "dicom": ServiceSpec(
         "dicom", "Verification and Storage SCP into the archive", lambda s: True, _dicom_main
@@ -40,6 +46,10 @@ SERVICES: dict[str, ServiceSpec] = {
     "convert": ServiceSpec(
         "convert", "stores objects in [storage] format, after the ack",
         lambda s: s.storage.format != "as-received", _convert_main,
+    ),
+    "forward": ServiceSpec(
+        "forward", "sends every object to the destinations whose rules match",
+        lambda s: bool(s.destinations), _forward_main,
     ),
 }
 

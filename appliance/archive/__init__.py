@@ -12,13 +12,17 @@ if TYPE_CHECKING:
 def open_archive(settings: Settings) -> Archive:
     """The archive as every producer must use it: reserve and hooks from the settings.
 
-    The store-format rule ([storage] format) queues a conversion in the same
+    The store-format rule ([storage] format) queues a conversion, and the
+    routing rules ([[destination]] match) queue forward jobs, in the same
     transaction as the index row, whoever brought the object in.
     """
     from appliance.archive.ingest import Archive
+    from appliance.forward.routing import ForwardRouter
     from appliance.transcode.pipeline import StorePolicy
 
     archive = Archive(settings.data_dir, min_free_bytes=settings.node.min_free_mb * 1_000_000)
     if settings.storage.format != "as-received":
         archive.on_indexed.append(StorePolicy(settings.storage).queue_conversion)
+    if settings.destinations:
+        archive.on_indexed.append(ForwardRouter(settings.destinations).queue_jobs)
     return archive

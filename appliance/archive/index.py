@@ -17,7 +17,35 @@ from typing import Any
 
 from appliance.archive.record import InstanceRecord
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+
+FORWARD_TABLES = """
+CREATE TABLE IF NOT EXISTS forward_jobs (
+    id INTEGER PRIMARY KEY,
+    sop_instance_uid TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_status TEXT NOT NULL DEFAULT '',
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    sent_count INTEGER NOT NULL DEFAULT 0,
+    possible_duplicates INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL DEFAULT '',
+    updated_at TEXT NOT NULL DEFAULT '',
+    UNIQUE (sop_instance_uid, destination)
+);
+CREATE INDEX IF NOT EXISTS forward_jobs_ready ON forward_jobs(destination, state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS destination_state (
+    name TEXT PRIMARY KEY,
+    paused INTEGER NOT NULL DEFAULT 0,
+    reachable INTEGER NOT NULL DEFAULT 1,
+    failures INTEGER NOT NULL DEFAULT 0,
+    next_try_at REAL NOT NULL DEFAULT 0,
+    last_echo_at TEXT NOT NULL DEFAULT '',
+    last_error TEXT NOT NULL DEFAULT '',
+    connects INTEGER NOT NULL DEFAULT 0
+)
+"""
 
 CONVERSION_TABLES = """
 CREATE TABLE IF NOT EXISTS conversions (
@@ -41,6 +69,7 @@ CREATE TABLE IF NOT EXISTS derivations (
 MIGRATIONS = {
     2: "ALTER TABLE instances ADD COLUMN dataset_sha256 TEXT NOT NULL DEFAULT ''",
     3: CONVERSION_TABLES,
+    4: FORWARD_TABLES,
 }
 
 SCHEMA = """
@@ -91,7 +120,7 @@ CREATE INDEX IF NOT EXISTS series_study ON series(study_ref);
 CREATE INDEX IF NOT EXISTS series_modality ON series(modality);
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_ref);
 CREATE INDEX IF NOT EXISTS instances_received ON instances(received_at);
-""" + CONVERSION_TABLES + ";"
+""" + CONVERSION_TABLES + ";" + FORWARD_TABLES + ";"
 
 INSTANCE_VIEW = """
 SELECT i.sop_instance_uid, i.sop_class_uid, i.instance_number, i.transfer_syntax_uid,

@@ -1,0 +1,1 @@
+"""Store-and-forward: routing rules, the durable job queue, the forwarder service."""

@@ -1,0 +1,183 @@
+"""The forwarder: one worker per destination, sending a study at a time.
+
+Two kinds of trouble, treated differently, because clinics suffer both:
+
+- **The destination refuses an object** (a DIMSE failure status): that job
+  is retried with backoff a few times, then marked failed with the status,
+  and an ERROR is logged; the other objects go through.
+- **The destination cannot be reached** (down over a weekend, cable out):
+  nothing is marked failed and no attempt is counted. The worker stops
+  sending, checks the destination with C-ECHO at exponential intervals
+  (with jitter, capped at [forward] max_backoff_seconds), and resumes at
+  once when the echo succeeds: no retry storm, nothing lost.
+
+A C-ECHO every `echo_interval` while idle keeps the destination's health
+on the status page current.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+
+from pynetdicom import AE, evt
+
+from appliance.config import DestinationSettings, ForwardSettings
+from appliance.dicom.scu import Destination, StoreSender
+from appliance.forward.queue import SUCCESS_STATUSES, ForwardQueue, Job, backoff
+from appliance.transcode.convert import Quality
+
+log = logging.getLogger("appliance.forward")
+
+
+def _nodelay(event: evt.Event) -> None:
+    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def c_echo(calling_ae: str, destination: DestinationSettings, timeout: float = 10.0) -> str | None:
+    """None when the destination answers C-ECHO with success, else what went wrong."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+    if not assoc.is_established:
+        return "association not established (refused, rejected or unreachable)"
+    try:
+        status = assoc.send_c_echo()
+        code = int(status.Status) if status and "Status" in status else None
+        return None if code == 0 else f"C-ECHO answered {code!r}"
+    finally:
+        assoc.release()
+
+
+class DestinationWorker(threading.Thread):
+    def __init__(self, destination: DestinationSettings, forward: ForwardSettings, queue: ForwardQueue,
+                 data_dir: Path, calling_ae: str, quality: Quality, stopping: threading.Event) -> None:
+        super().__init__(name=f"forward-{destination.name}", daemon=True)
+        self.destination = destination
+        self.forward = forward
+        self.queue = queue
+        self.data_dir = data_dir
+        self.calling_ae = calling_ae
+        self.sender = StoreSender(calling_ae, quality)
+        self.stopping = stopping
+        self.last_echo = 0.0
+        self.sent = 0
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                busy = self.step()
+            except Exception:  # a bug must not stop forwarding for good
+                log.exception("forwarder for %s: unexpected error; retrying in 5 s", self.destination.name)
+                busy = False
+                self.stopping.wait(5)
+            if not busy:
+                self.stopping.wait(0.5)
+
+    def step(self) -> bool:
+        """One round: health when needed, else one study. True when work was done."""
+        name = self.destination.name
+        state = self.queue.destination(name)
+        now = time.time()
+        if state["paused"]:
+            return False
+        if not state["reachable"]:
+            if now < state["next_try_at"]:
+                return False
+            return self._check_health(state)
+        jobs = self.queue.claim_study(name, self.forward.batch_size)
+        if not jobs:
+            if now - self.last_echo > self.destination.echo_interval:
+                self._check_health(state)
+            return False
+        self._send(jobs, state)
+        return True
+
+    def _check_health(self, state: dict) -> bool:
+        self.last_echo = time.time()
+        problem = c_echo(self.calling_ae, self.destination)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        if problem is None:
+            if not state["reachable"]:
+                log.warning("%s is reachable again: resuming", self.destination.name)
+            self.queue.set_destination(self.destination.name, reachable=1, failures=0, next_try_at=0,
+                                       last_echo_at=stamp, last_error="")
+            return True
+        self._unreachable(state, problem)
+        return False
+
+    def _unreachable(self, state: dict, problem: str) -> None:
+        failures = state["failures"] + 1
+        wait = backoff(failures, self.forward.first_backoff_seconds, self.forward.max_backoff_seconds)
+        if state["reachable"]:
+            log.error("%s (%s@%s:%d) cannot be reached: %s; objects stay queued, next try in %.0f s",
+                      self.destination.name, self.destination.ae_title, self.destination.host,
+                      self.destination.port, problem, wait)
+        self.queue.set_destination(self.destination.name, reachable=0, failures=failures,
+                                   next_try_at=time.time() + wait, last_error=problem[:200],
+                                   last_echo_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+    def _send(self, jobs: list[Job], state: dict) -> None:
+        present = [job for job in jobs if job.path is not None and (self.data_dir / job.path).is_file()]
+        for job in jobs:
+            if job not in present:  # replaced by a derived instance, or purged
+                self.queue.done(job, "instance no longer in the archive")
+        if not present:
+            return
+        target = Destination(self.destination.ae_title, self.destination.host, self.destination.port,
+                             self.destination.accepts)
+        paths = [self.data_dir / job.path for job in present]
+        self.queue.set_destination(self.destination.name,
+                                   connects=state["connects"] + 1)
+        try:
+            results = self.sender.send(paths, target)
+        except (ConnectionError, OSError, RuntimeError) as exc:
+            self.queue.release(present, str(exc))
+            self._unreachable(state, str(exc))
+            return
+        lost: list[Job] = []
+        for job, result in zip(present, results, strict=True):
+            if result.status in SUCCESS_STATUSES:
+                self.queue.done(job, f"0x{result.status:04X}")
+                self.sent += 1
+            elif result.status is None and "association lost" in result.detail:
+                lost.append(job)
+            else:
+                status = f"0x{result.status:04X}" if result.status is not None else result.detail
+                outcome = self.queue.refused(job, status, self.forward.max_attempts,
+                                             self.forward.first_backoff_seconds,
+                                             self.forward.max_backoff_seconds)
+                if outcome == "failed":
+                    log.error("%s refused %s %d times (last: %s): marked failed; fix the cause, then "
+                              "`appliance queue retry %d`", self.destination.name, job.sop_instance_uid,
+                              self.forward.max_attempts, status, job.id)
+        if lost:
+            self.queue.release(lost, "association lost")
+            self._unreachable(state, "association lost while sending")
+
+
+class Forwarder:
+    def __init__(self, settings, queue: ForwardQueue) -> None:
+        self.stopping = threading.Event()
+        quality = Quality(settings.storage.lossy_quality)
+        self.workers = [
+            DestinationWorker(d, settings.forward, queue, settings.data_dir, settings.node.ae_title,
+                              quality, self.stopping)
+            for d in settings.destinations
+        ]
+
+    def start(self) -> None:
+        for worker in self.workers:
+            worker.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.stopping.set()
+        for worker in self.workers:
+            worker.join(timeout)

@@ -1,0 +1,172 @@
+"""The durable forward queue: one row per (instance, destination), in the index.
+
+States: pending (waiting for its next attempt time), sending (on the wire
+right now), done (the destination acked it), failed (refused too often; a
+field engineer retries it). A crash leaves sending rows behind: at start
+they go back to pending and are counted as possible duplicates (the
+destination may have stored them before the crash: at least once).
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from appliance.archive.index import Index
+from appliance.archive.ingest import now_local
+
+SUCCESS_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}  # success and the storage warnings
+
+
+def backoff(failures: int, first: float, cap: float) -> float:
+    """Exponential, capped, with jitter so many jobs (or gateways) do not retry in step."""
+    delay = min(cap, first * 2 ** max(0, failures - 1))
+    return delay * random.uniform(0.8, 1.0)
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    sop_instance_uid: str
+    path: str | None  # None when the instance is no longer in the archive
+    study_instance_uid: str
+    attempts: int
+
+
+class ForwardQueue:
+    def __init__(self, index: Index) -> None:
+        self.index = index
+
+    def _stamp(self) -> str:
+        return now_local().isoformat(timespec="seconds")
+
+    def recover(self) -> int:
+        """Jobs left 'sending' by a crash go back to pending, counted as possible duplicates."""
+        with self.index.transaction() as conn:
+            return conn.execute(
+                "UPDATE forward_jobs SET state = 'pending', possible_duplicates = possible_duplicates + 1, "
+                "next_attempt_at = 0 WHERE state = 'sending'"
+            ).rowcount
+
+    def claim_study(self, destination: str, limit: int) -> list[Job]:
+        """Mark the ready jobs of one study 'sending' and return them (oldest study first)."""
+        now = time.time()
+        with self.index.transaction() as conn:
+            first = conn.execute(
+                """SELECT COALESCE(st.study_instance_uid, '') FROM forward_jobs j
+                   LEFT JOIN instances i ON i.sop_instance_uid = j.sop_instance_uid
+                   LEFT JOIN series se ON se.id = i.series_ref
+                   LEFT JOIN studies st ON st.id = se.study_ref
+                   WHERE j.destination = ? AND j.state = 'pending' AND j.next_attempt_at <= ?
+                   ORDER BY j.id LIMIT 1""",
+                (destination, now),
+            ).fetchone()
+            if first is None:
+                return []
+            rows = conn.execute(
+                """SELECT j.id, j.sop_instance_uid, i.path, COALESCE(st.study_instance_uid, ''), j.attempts
+                   FROM forward_jobs j
+                   LEFT JOIN instances i ON i.sop_instance_uid = j.sop_instance_uid
+                   LEFT JOIN series se ON se.id = i.series_ref
+                   LEFT JOIN studies st ON st.id = se.study_ref
+                   WHERE j.destination = ? AND j.state = 'pending' AND j.next_attempt_at <= ?
+                     AND COALESCE(st.study_instance_uid, '') = ?
+                   ORDER BY j.id LIMIT ?""",
+                (destination, now, first[0], limit),
+            ).fetchall()
+            conn.executemany("UPDATE forward_jobs SET state = 'sending', updated_at = ? WHERE id = ?",
+                             [(self._stamp(), row[0]) for row in rows])
+        return [Job(*row) for row in rows]
+
+    def done(self, job: Job, status: str) -> None:
+        with self.index.transaction() as conn:
+            conn.execute("UPDATE forward_jobs SET state = 'done', last_status = ?, "
+                         "sent_count = sent_count + 1, updated_at = ? WHERE id = ?",
+                         (status, self._stamp(), job.id))
+
+    def refused(self, job: Job, status: str, max_attempts: int, first: float, cap: float) -> str:
+        """The destination answered with a failure: retry later, or fail after max_attempts."""
+        attempts = job.attempts + 1
+        state = "failed" if attempts >= max_attempts else "pending"
+        with self.index.transaction() as conn:
+            conn.execute("UPDATE forward_jobs SET state = ?, attempts = ?, last_status = ?, "
+                         "next_attempt_at = ?, updated_at = ? WHERE id = ?",
+                         (state, attempts, status, time.time() + backoff(attempts, first, cap),
+                          self._stamp(), job.id))
+        return state
+
+    def release(self, jobs: list[Job], reason: str) -> None:
+        """The destination could not be reached: back to pending, no attempt counted."""
+        with self.index.transaction() as conn:
+            conn.executemany("UPDATE forward_jobs SET state = 'pending', last_status = ?, updated_at = ? "
+                             "WHERE id = ? AND state = 'sending'",
+                             [(reason[:200], self._stamp(), job.id) for job in jobs])
+
+    # --- destination state ------------------------------------------------------------
+
+    def destination(self, name: str) -> dict[str, Any]:
+        conn = self.index.connection()
+        conn.execute("INSERT OR IGNORE INTO destination_state (name) VALUES (?)", (name,))
+        return dict(conn.execute("SELECT * FROM destination_state WHERE name = ?", (name,)).fetchone())
+
+    def set_destination(self, name: str, **values: Any) -> None:
+        with self.index.transaction() as conn:
+            conn.execute("INSERT OR IGNORE INTO destination_state (name) VALUES (?)", (name,))
+            assignments = ", ".join(f"{key} = ?" for key in values)
+            conn.execute(f"UPDATE destination_state SET {assignments} WHERE name = ?",
+                         (*values.values(), name))
+
+    # --- field-engineer commands --------------------------------------------------------
+
+    def retry(self, job_ids: list[int] | None) -> int:
+        """Failed jobs (all, or those given) go back to pending, with fresh attempts."""
+        with self.index.transaction() as conn:
+            if job_ids is None:
+                cursor = conn.execute("UPDATE forward_jobs SET state = 'pending', attempts = 0, "
+                                      "next_attempt_at = 0 WHERE state = 'failed'")
+            else:
+                cursor = conn.executemany("UPDATE forward_jobs SET state = 'pending', attempts = 0, "
+                                          "next_attempt_at = 0 WHERE id = ? AND state != 'sending'",
+                                          [(j,) for j in job_ids])
+            return cursor.rowcount
+
+    def enqueue(self, sop_instance_uids: list[str], destination: str) -> int:
+        stamp = self._stamp()
+        with self.index.transaction() as conn:
+            for uid in sop_instance_uids:
+                conn.execute(
+                    """INSERT INTO forward_jobs (sop_instance_uid, destination, created_at, updated_at)
+                       VALUES (?, ?, ?, ?)
+                       ON CONFLICT(sop_instance_uid, destination) DO UPDATE SET state = 'pending',
+                         attempts = 0, next_attempt_at = 0, updated_at = excluded.updated_at
+                       WHERE forward_jobs.state != 'sending'""",
+                    (uid, destination, stamp, stamp),
+                )
+        return len(sop_instance_uids)
+
+    def jobs(self, destination: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM forward_jobs"
+        clauses, args = [], []
+        if destination:
+            clauses.append("destination = ?")
+            args.append(destination)
+        if state:
+            clauses.append("state = ?")
+            args.append(state)
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        return [dict(r) for r in self.index.connection().execute(sql + " ORDER BY id", args)]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        result: dict[str, dict[str, int]] = {}
+        try:
+            rows = self.index.connection().execute(
+                "SELECT destination, state, COUNT(*) FROM forward_jobs GROUP BY destination, state")
+        except sqlite3.OperationalError:
+            return result
+        for destination, state, count in rows:
+            result.setdefault(destination, {})[state] = count
+        return result
