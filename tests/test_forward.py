@@ -278,3 +278,34 @@ def test_pause_resume_and_send_again(make_appliance, orthanc, tmp_path: Path) ->
     finally:
         forwarder.stop()
     assert gateway.cli("send", "--to", "nowhere", "--patient-id", "x", check=False).returncode == 2
+
+
+def test_parallel_associations_stay_within_the_bound(make_appliance, tmp_path: Path) -> None:
+    scp = RefusingSCP(refuse_uid="none")
+    open_now, peak = [0], [0]
+    lock = threading.Lock()
+
+    def opened(_event: evt.Event) -> None:
+        with lock:
+            open_now[0] += 1
+            peak[0] = max(peak[0], open_now[0])
+            time.sleep(0.2)  # hold it a little so overlapping workers show
+
+    def closed(_event: evt.Event) -> None:
+        with lock:
+            open_now[0] -= 1
+
+    scp.server.bind(evt.EVT_ESTABLISHED, opened)
+    scp.server.bind(evt.EVT_RELEASED, closed)
+    scp.server.bind(evt.EVT_ABORTED, closed)
+    gateway = _gateway(make_appliance, _destination("picky", "PICKY", scp.port, extra="max_associations = 2"))
+    studies = [synthetic_ct(tmp_path / f"s{n}", 5, size=64, patient_id=f"P{n}") for n in range(6)]
+    for files in studies:
+        assert storescu(gateway.port, files).returncode == 0
+    forwarder = Forwarder(gateway)
+    try:
+        _wait(lambda: len(scp.received) == 30, 60, "30 objects over parallel associations")
+    finally:
+        forwarder.stop()
+        scp.stop()
+    assert 1 <= peak[0] <= 2, f"{peak[0]} associations at once; the destination allows 2"

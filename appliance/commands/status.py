@@ -108,6 +108,11 @@ def render(report: dict[str, Any]) -> str:
             if "backlog" in entry:
                 detail += f", {entry['backlog']} object(s) waiting to be stored as {entry.get('format')}"
         lines.append(f"  {entry['service']:<10} {entry['state']}{detail}")
+        for name, dest in (entry.get("destinations") or {}).items():
+            health = ("paused" if dest.get("paused") else "reachable" if dest.get("reachable")
+                      else f"UNREACHABLE: {dest.get('last_error', '')}")
+            lines.append(f"    -> {name:<12} {health}; {dest.get('pending', 0)} pending, "
+                         f"{dest.get('failed', 0)} failed, {dest.get('done', 0)} sent")
     archive = report["archive"]
     disk = report["disk"]
     lines += [

@@ -58,8 +58,10 @@ def c_echo(calling_ae: str, destination: DestinationSettings, timeout: float = 1
 
 class DestinationWorker(threading.Thread):
     def __init__(self, destination: DestinationSettings, forward: ForwardSettings, queue: ForwardQueue,
-                 data_dir: Path, calling_ae: str, quality: Quality, stopping: threading.Event) -> None:
-        super().__init__(name=f"forward-{destination.name}", daemon=True)
+                 data_dir: Path, calling_ae: str, quality: Quality, stopping: threading.Event,
+                 number: int = 1) -> None:
+        super().__init__(name=f"forward-{destination.name}-{number}", daemon=True)
+        self.number = number
         self.destination = destination
         self.forward = forward
         self.queue = queue
@@ -94,7 +96,7 @@ class DestinationWorker(threading.Thread):
             return self._check_health(state)
         jobs = self.queue.claim_study(name, self.forward.batch_size)
         if not jobs:
-            if now - self.last_echo > self.destination.echo_interval:
+            if self.number == 1 and now - self.last_echo > self.destination.echo_interval:
                 self._check_health(state)
             return False
         self._send(jobs, state)
@@ -167,10 +169,14 @@ class Forwarder:
     def __init__(self, settings, queue: ForwardQueue) -> None:
         self.stopping = threading.Event()
         quality = Quality(settings.storage.lossy_quality)
+        # [destination] max_associations workers each: they claim different
+        # studies (claims are transactions), so a destination never gets more
+        # associations from us than it was promised.
         self.workers = [
             DestinationWorker(d, settings.forward, queue, settings.data_dir, settings.node.ae_title,
-                              quality, self.stopping)
+                              quality, self.stopping, number)
             for d in settings.destinations
+            for number in range(1, d.max_associations + 1)
         ]
 
     def start(self) -> None:
