@@ -29,7 +29,13 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 
 # Bump when the generated content changes, so stale caches are rebuilt.
 GENERATOR_VERSION = 1
@@ -229,3 +235,174 @@ def cached(spec: CTSpec, cache_root: Path) -> list[Path]:
     if fresh and all((out_dir / name).is_file() for name in names):
         return [out_dir / name for name in names]
     return generate(spec, out_dir)
+
+
+# --- colour frames --------------------------------------------------------------------
+
+RGB_GENERATOR_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RGBSpec:
+    """8-bit RGB video-capture frames: what ultrasound carts and endoscopy towers send.
+
+    Colour objects reach a clinic gateway from frame grabbers and carts, not
+    from CT: 640x480, 8 bits per sample, a black surround, burnt-in text. Even
+    indices are ultrasound-like (a speckled grey sector with a colour-flow box
+    and a colour bar), odd ones endoscope-like (a round pink field with smooth
+    shading, vessels and specular highlights); both carry text overlays, the
+    sharp edges that JPEG handles worst.
+    """
+
+    count: int = 40
+    rows: int = 480
+    columns: int = 640
+    noise: float = 2.5
+    seed: int = 20240602
+    version: int = RGB_GENERATOR_VERSION
+
+
+def _smooth_noise(rng: np.random.Generator, rows: int, columns: int, cell: int) -> np.ndarray:
+    """Noise correlated over about `cell` pixels, unit scale: a coarse grid, bilinearly interpolated.
+
+    Tissue texture, speckle and flow patches vary smoothly; pixel-independent
+    noise alone would compress like static and square blocks like nothing real.
+    """
+    coarse = rng.standard_normal((rows // cell + 2, columns // cell + 2)).astype(np.float32)
+    gy = np.arange(rows, dtype=np.float32) / cell
+    gx = np.arange(columns, dtype=np.float32) / cell
+    y0, x0 = gy.astype(int), gx.astype(int)
+    fy, fx = (gy - y0)[:, None], (gx - x0)[None, :]
+    top = coarse[y0][:, x0] * (1 - fx) + coarse[y0][:, x0 + 1] * fx
+    bottom = coarse[y0 + 1][:, x0] * (1 - fx) + coarse[y0 + 1][:, x0 + 1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def _draw_text(frame: np.ndarray, rng: np.random.Generator, top: int, left: int, length: int,
+               colour: tuple[int, int, int], scale: int = 2) -> None:
+    """Burn a line of 5x7 pseudo-glyphs into `frame`, as a cart's annotations are."""
+    glyph_h, glyph_w = 7 * scale, 5 * scale
+    for index in range(length):
+        glyph = rng.random((7, 5)) < 0.45
+        glyph = np.repeat(np.repeat(glyph, scale, axis=0), scale, axis=1)
+        x = left + index * (glyph_w + scale * 2)
+        region = frame[top : top + glyph_h, x : x + glyph_w]
+        if region.shape[:2] != glyph.shape:
+            return
+        region[glyph] = colour
+
+
+def _ultrasound(spec: RGBSpec, rng: np.random.Generator, phase: float) -> np.ndarray:
+    rows, columns = spec.rows, spec.columns
+    y, x = np.mgrid[0:rows, 0:columns].astype(np.float32)
+    apex_x, apex_y = columns / 2, 40.0
+    radius = np.hypot(x - apex_x, y - apex_y)
+    angle = np.arctan2(x - apex_x, y - apex_y)
+    sector = (radius > 30) & (radius < rows - 50) & (np.abs(angle) < 0.7)
+    tissue = 0.55 + 0.25 * np.sin(radius / 45.0 + phase) * np.cos(angle * 3.0 - phase)
+    tissue -= 0.5 * (((x - apex_x - 60 * math.sin(phase)) / 55) ** 2 + ((y - 260) / 35) ** 2 < 1)  # a cyst
+    tissue += 0.35 * (np.abs(radius - 330 - 10 * math.cos(phase)) < 4)  # a bright interface
+    speckle = np.abs(_smooth_noise(rng, rows, columns, 2) + 1j * _smooth_noise(rng, rows, columns, 2))
+    grey = np.clip(tissue * speckle * 150 * np.exp(-radius / 900), 0, 255) * sector
+    frame = np.repeat(grey[..., None], 3, axis=2)
+    box = (np.abs(angle) < 0.25) & (radius > 150) & (radius < 300)
+    flow = _smooth_noise(rng, rows, columns, 12) * 1.5
+    red, blue = box & (flow > 0.6), box & (flow < -0.6)
+    frame[red] = np.stack([200 + 40 * np.tanh(flow[red]), 40 + 0 * flow[red], 30 + 0 * flow[red]], -1)
+    frame[blue] = np.stack([30 + 0 * flow[blue], 60 + 0 * flow[blue], 200 - 40 * np.tanh(flow[blue])], -1)
+    bar = (x > columns - 30) & (x < columns - 18) & (y > 80) & (y < 400)
+    level = (400 - y[bar]) / 320
+    frame[bar] = np.stack([255 * level, 128 + 0 * level, 255 * (1 - level)], -1)
+    frame += rng.normal(0, spec.noise, frame.shape) * sector[..., None]
+    out = np.clip(np.rint(frame), 0, 255).astype(np.uint8)
+    for line in range(3):
+        _draw_text(out, rng, 8 + line * 18, 8, 14 - 3 * line, (230, 230, 230))
+    _draw_text(out, rng, rows - 22, columns - 170, 10, (240, 220, 60))
+    return out
+
+
+def _endoscope(spec: RGBSpec, rng: np.random.Generator, phase: float) -> np.ndarray:
+    rows, columns = spec.rows, spec.columns
+    y, x = np.mgrid[0:rows, 0:columns].astype(np.float32)
+    cx, cy = columns / 2 + 30, rows / 2
+    radius = np.hypot(x - cx, y - cy)
+    field = radius < rows / 2 - 12
+    shade = np.clip(1.15 - (radius / (rows / 2)) ** 2 * 0.8, 0.1, 1.2)
+    shade *= 0.85 + 0.15 * np.sin(x / 70 + phase) * np.cos(y / 55 - phase)
+    mucosa = np.stack([205 + 20 * _smooth_noise(rng, rows, columns, 16),
+                       95 + 15 * _smooth_noise(rng, rows, columns, 16),
+                       85 + 10 * _smooth_noise(rng, rows, columns, 16)], -1)
+    frame = mucosa * shade[..., None]
+    vessels = np.abs(np.sin(x / 23 + 2 * np.sin(y / 41 + phase)) * 40 + y / 9 - 25) < 1.2
+    frame[vessels] *= np.array([0.7, 0.45, 0.45], dtype=np.float32)
+    for _ in range(4):
+        hx, hy = rng.uniform(cx - 150, cx + 150), rng.uniform(cy - 150, cy + 150)
+        spot = ((x - hx) / rng.uniform(4, 12)) ** 2 + ((y - hy) / rng.uniform(3, 8)) ** 2 < 1
+        frame[spot] = 250
+    frame += rng.normal(0, spec.noise, frame.shape)
+    frame *= field[..., None]
+    out = np.clip(np.rint(frame), 0, 255).astype(np.uint8)
+    _draw_text(out, rng, 10, 10, 12, (255, 255, 255))
+    _draw_text(out, rng, 30, 10, 8, (255, 255, 255))
+    _draw_text(out, rng, rows - 24, 10, 16, (255, 255, 255))
+    return out
+
+
+def rgb_frame(spec: RGBSpec, index: int) -> np.ndarray:
+    """Frame `index` of `spec` as (rows, columns, 3) uint8; the same on every run."""
+    rng = np.random.default_rng([spec.seed, index])
+    phase = index * 0.37
+    return _ultrasound(spec, rng, phase) if index % 2 == 0 else _endoscope(spec, rng, phase)
+
+
+def rgb_dataset(spec: RGBSpec, index: int, pixels: np.ndarray) -> Dataset:
+    """One Secondary Capture object (digitized video) with `pixels`, Explicit VR Little Endian."""
+    modality = "US" if index % 2 == 0 else "ES"
+    sop_uid = generate_uid(entropy_srcs=["gateway-bench-rgb", str(spec.seed), str(index)])
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyDate = ds.ContentDate = "20240610"
+    ds.StudyTime = ds.ContentTime = f"1000{index % 60:02d}"
+    ds.AccessionNumber = f"RGB{index // 10:04d}"
+    ds.Modality = modality
+    ds.ConversionType = "DV"
+    ds.Manufacturer = "BENCH"
+    ds.ReferringPhysicianName = "Referrer^Rita"
+    ds.PatientName = "Bench^Colour"
+    ds.PatientID = "BENCHRGB"
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "F"
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=["gateway-bench-rgb", str(spec.seed), "study"])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=["gateway-bench-rgb", str(spec.seed), modality])
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1 if modality == "US" else 2
+    ds.InstanceNumber = index + 1
+    ds.BodyPartExamined = "ABDOMEN" if modality == "US" else "COLON"  # unpaired: no Laterality
+    ds.PatientOrientation = ""
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+    ds.Rows = spec.rows
+    ds.Columns = spec.columns
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    ds["PixelData"].VR = "OB"
+    return ds
+
+
+def rgb_datasets(spec: RGBSpec) -> list[Dataset]:
+    """The frames of `spec` as datasets, in memory: 40 frames take about a second to make."""
+    return [rgb_dataset(spec, index, rgb_frame(spec, index)) for index in range(spec.count)]
