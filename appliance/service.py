@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -169,3 +170,18 @@ class ServiceShell:
     def stopped(self, state: dict[str, Any]) -> None:
         self.write_state(state, "stopped")
         log.info("%s service stopped", self.name)
+
+
+def start_with_archive(name: str, settings: Settings) -> tuple[ServiceShell, Any] | None:
+    """The shell and the archive every data service starts with; None (logged) if
+    the data directory cannot be used, so the service exits 1 with one line."""
+    from appliance.archive import open_archive
+
+    try:
+        shell = ServiceShell(name, settings)
+        return shell, open_archive(settings)
+    except (OSError, sqlite3.Error) as exc:
+        logging.getLogger(f"appliance.{name}").error(
+            "cannot use data_dir %s: %s; check [node] data_dir, the disk and its permissions",
+            settings.data_dir, exc)
+        return None

@@ -283,35 +283,12 @@ class Archive:
         conn.execute("DELETE FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,))
         return self.data_dir / row[0] if row else None
 
-    def ingest_bytes(self, data: bytes, **kwargs) -> Stored:
-        """Archive a Part 10 byte string (a dicomizer's output, a test)."""
+    @contextmanager
+    def _new_temp(self) -> Iterator[Path]:
+        """A temp path for a producer to write an object to; a failed write leaves nothing."""
         temp = self.new_temp_path()
         try:
-            with open(temp, "wb") as fp:
-                fp.write(data)
-        except OSError as exc:
-            _discard(temp)
-            if durable.is_out_of_space(exc):
-                raise OutOfSpace(f"cannot write to {self.temp_dir}: {exc.strerror}") from exc
-            raise
-        return self.ingest_file(temp, **kwargs)
-
-    def ingest_copy(self, path: Path, **kwargs) -> Stored:
-        """Archive a copy of the DICOM file at `path` (import from a CD, a share).
-
-        A file without the Part 10 header (older CDs) is given one; its
-        dataset bytes are then re-encoded by pydicom, not kept as they were.
-        """
-        temp = self.new_temp_path()
-        try:
-            with open(path, "rb") as src:
-                head = src.read(132)
-                src.seek(0)
-                if head[128:132] == b"DICM":
-                    with open(temp, "wb") as dst:
-                        shutil.copyfileobj(src, dst, 1 << 20)
-                else:
-                    _write_part10_from_raw(src, temp)
+            yield temp
         except UnreadableObject as exc:
             _discard(temp)
             raise Rejected(str(exc), None) from None
@@ -320,18 +297,33 @@ class Archive:
             if durable.is_out_of_space(exc):
                 raise OutOfSpace(f"cannot write to {self.temp_dir}: {exc.strerror}") from exc
             raise
+
+    def ingest_bytes(self, data: bytes, **kwargs) -> Stored:
+        """Archive a Part 10 byte string (a dicomizer's output, a test)."""
+        with self._new_temp() as temp:
+            temp.write_bytes(data)
+        return self.ingest_file(temp, **kwargs)
+
+    def ingest_copy(self, path: Path, **kwargs) -> Stored:
+        """Archive a copy of the DICOM file at `path` (import from a CD, a share).
+
+        A file without the Part 10 header (older CDs) is given one; its
+        dataset bytes are then re-encoded by pydicom, not kept as they were.
+        """
+        with self._new_temp() as temp, open(path, "rb") as src:
+            head = src.read(132)
+            src.seek(0)
+            if head[128:132] == b"DICM":
+                with open(temp, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            else:
+                _write_part10_from_raw(src, temp)
         return self.ingest_file(temp, **kwargs)
 
     def ingest_dataset(self, ds: Dataset, **kwargs) -> Stored:
-        """Archive a dataset built in memory (dicomizers)."""
-        temp = self.new_temp_path()
-        try:
+        """Archive a dataset built in memory (dicomizers, the store-format converter)."""
+        with self._new_temp() as temp:
             ds.save_as(temp, enforce_file_format=True)
-        except OSError as exc:
-            _discard(temp)
-            if durable.is_out_of_space(exc):
-                raise OutOfSpace(f"cannot write to {self.temp_dir}: {exc.strerror}") from exc
-            raise
         return self.ingest_file(temp, **kwargs)
 
     # --- quarantine ------------------------------------------------------------

@@ -3,25 +3,24 @@
 from __future__ import annotations
 
 import logging
-import sqlite3
 
-from appliance.archive import open_archive
 from appliance.config import Settings
 from appliance.dicom.scp import DicomService
-from appliance.service import ServiceShell
+from appliance.service import start_with_archive
 
 log = logging.getLogger("appliance.dicom")
 
 
 def run(settings: Settings) -> int:
     node = settings.node
+    started = start_with_archive("dicom", settings)
+    if started is None:
+        return 1
+    shell, archive = started
     try:
-        shell = ServiceShell("dicom", settings)
-        archive = open_archive(settings)
         archive.cleanup_temp()
-    except (OSError, sqlite3.Error) as exc:
-        log.error("cannot use data_dir %s: %s; check [node] data_dir, the disk and its permissions",
-                  node.data_dir, exc)
+    except OSError as exc:
+        log.error("cannot clean %s: %s", archive.temp_dir, exc)
         return 1
     service = DicomService(node, archive)
     try:

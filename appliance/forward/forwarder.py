@@ -18,42 +18,16 @@ on the status page current.
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from pathlib import Path
 
-from pynetdicom import AE, evt
-
 from appliance.config import DestinationSettings, ForwardSettings
-from appliance.dicom.scu import Destination, StoreSender
+from appliance.dicom.scu import Destination, StoreSender, c_echo
 from appliance.forward.queue import SUCCESS_STATUSES, ForwardQueue, Job, backoff
 from appliance.transcode.convert import Quality
 
 log = logging.getLogger("appliance.forward")
-
-
-def _nodelay(event: evt.Event) -> None:
-    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def c_echo(calling_ae: str, destination: DestinationSettings, timeout: float = 10.0) -> str | None:
-    """None when the destination answers C-ECHO with success, else what went wrong."""
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.add_requested_context("1.2.840.10008.1.1")
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
-    if not assoc.is_established:
-        return "association not established (refused, rejected or unreachable)"
-    try:
-        status = assoc.send_c_echo()
-        code = int(status.Status) if status and "Status" in status else None
-        return None if code == 0 else f"C-ECHO answered {code!r}"
-    finally:
-        assoc.release()
 
 
 class DestinationWorker(threading.Thread):
@@ -68,6 +42,8 @@ class DestinationWorker(threading.Thread):
         self.data_dir = data_dir
         self.calling_ae = calling_ae
         self.sender = StoreSender(calling_ae, quality)
+        self.target = Destination(destination.ae_title, destination.host, destination.port,
+                                  destination.accepts)
         self.stopping = stopping
         self.last_echo = 0.0
         self.sent = 0
@@ -104,7 +80,7 @@ class DestinationWorker(threading.Thread):
 
     def _check_health(self, state: dict) -> bool:
         self.last_echo = time.time()
-        problem = c_echo(self.calling_ae, self.destination)
+        problem = c_echo(self.calling_ae, self.target)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
         if problem is None:
             if not state["reachable"]:
@@ -133,13 +109,11 @@ class DestinationWorker(threading.Thread):
                 self.queue.done(job, "instance no longer in the archive")
         if not present:
             return
-        target = Destination(self.destination.ae_title, self.destination.host, self.destination.port,
-                             self.destination.accepts)
         paths = [self.data_dir / job.path for job in present]
         self.queue.set_destination(self.destination.name,
                                    connects=state["connects"] + 1)
         try:
-            results = self.sender.send(paths, target)
+            results = self.sender.send(paths, self.target)
         except (ConnectionError, OSError, RuntimeError) as exc:
             self.queue.release(present, str(exc))
             self._unreachable(state, str(exc))

@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import logging
-import sqlite3
 
-from appliance.archive import open_archive
 from appliance.config import Settings
 from appliance.forward.forwarder import Forwarder
 from appliance.forward.queue import ForwardQueue
-from appliance.service import ServiceShell
+from appliance.service import start_with_archive
 
 log = logging.getLogger("appliance.forward")
 
 
 def run(settings: Settings) -> int:
-    try:
-        shell = ServiceShell("forward", settings)
-        archive = open_archive(settings)
-    except (OSError, sqlite3.Error) as exc:
-        log.error("cannot use data_dir %s: %s", settings.data_dir, exc)
+    started = start_with_archive("forward", settings)
+    if started is None:
         return 1
+    shell, archive = started
     queue = ForwardQueue(archive.index)
     resumed = queue.recover()
     if resumed:

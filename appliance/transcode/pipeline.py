@@ -126,15 +126,11 @@ class Converter:
             return "kept", str(exc)
         received = dt.datetime.fromisoformat(row["received_at"])
         source = f"{row['source']} (stored as {name_of(target)})"
-        temp = self.archive.new_temp_path()
-        result.dataset.save_as(temp, enforce_file_format=True)
         try:
-            if not result.lossy:
-                self.archive.ingest_file(temp, calling_ae=row["calling_ae"], source=source,
-                                         received=received, keep_previous=False)
-            else:
-                self.archive.ingest_file(temp, calling_ae=row["calling_ae"], source=source,
-                                         received=received)
+            # A lossless result replaces the file (same image); a lossy one is a new instance.
+            self.archive.ingest_dataset(result.dataset, calling_ae=row["calling_ae"], source=source,
+                                        received=received, keep_previous=result.lossy)
+            if result.lossy:
                 self._retire_original(uid, derived_uid, path)
         except Rejected as exc:
             return "kept", f"converted object refused by the archive: {exc.reason}"

@@ -7,12 +7,10 @@ image, or a slow lossy encode, never touches the DICOM service.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 
-from appliance.archive import open_archive
 from appliance.config import Settings
-from appliance.service import ServiceShell
+from appliance.service import start_with_archive
 from appliance.transcode.pipeline import Converter
 
 log = logging.getLogger("appliance.convert")
@@ -20,12 +18,10 @@ IDLE_SECONDS = 1.0
 
 
 def run(settings: Settings) -> int:
-    try:
-        shell = ServiceShell("convert", settings)
-        archive = open_archive(settings)
-    except (OSError, sqlite3.Error) as exc:
-        log.error("cannot use data_dir %s: %s", settings.data_dir, exc)
+    started = start_with_archive("convert", settings)
+    if started is None:
         return 1
+    shell, archive = started
     converter = Converter(archive, settings.storage)
     shell.ready(f"storing as {settings.storage.format}")
 
