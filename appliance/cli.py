@@ -82,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--study", metavar="UID")
     which.add_argument("--patient-id", metavar="ID")
 
+    dsk = commands.add_parser("disks", help="external disks: the service, or status|adopt|copy|verify")
+    dsk.add_argument("action", nargs="?", choices=["status", "adopt", "copy", "verify"])
+    dsk.add_argument("label", nargs="?", metavar="LABEL")
+    dsk.add_argument("--role", choices=["primary", "mirror", "spare"])
+    dsk.add_argument("--pair", type=int, metavar="N")
+    dsk.add_argument("--json", action="store_true")
+
     cfg = commands.add_parser("config", help="show the settings in force, or check a file")
     cfg.add_argument("action", choices=["show", "check"])
     return parser
@@ -115,7 +122,8 @@ def _command_logging(quiet: bool) -> None:
 
 
 def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
-    if args.command not in ("run", "dicom", "convert", "forward"):
+    if args.command not in ("run", "dicom", "convert", "forward") and not (
+            args.command == "disks" and not args.action):
         _command_logging(quiet=getattr(args, "json", False))
     if args.command == "run":
         from appliance.supervisor import Supervisor
@@ -150,6 +158,10 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
         except find.UsageError as exc:
             print(f"appliance find: {exc}", file=sys.stderr)
             return 2
+    if args.command == "disks" and args.action:
+        from appliance.commands import disks
+
+        return disks.main(settings, args.action, args.label, args.role, args.pair, args.json)
     if args.command in ("queue", "send"):
         from appliance.commands import queue
 

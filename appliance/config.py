@@ -212,6 +212,27 @@ class ForwardSettings:
     batch_size: int = _checked(200, check_positive, "objects of one study per association at most")
 
 
+def check_window(value: str) -> str | None:
+    from appliance.disks.window import parse_window
+
+    try:
+        parse_window(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+@dataclass(frozen=True)
+class DisksSettings:
+    """[disks]: external USB HDDs in mirror pairs (the section switches the disks service on)."""
+
+    enabled: bool = _checked(True, None, "false keeps the section but stops the service")
+    copy_window: str = _checked("19:00-23:59", check_window, '"HH:MM-HH:MM" or "always"')
+    spool_days: int = _checked(30, check_positive, "days an image stays on the internal disk")
+    min_free_gb: float = _checked(2.0, check_not_negative, "rotate to the next pair below this")
+    pause_ms: float = _checked(5.0, check_not_negative, "pause between copied files (throttle)")
+
+
 @dataclass(frozen=True)
 class Settings:
     """All sections. `source` names the file they came from, for messages."""
@@ -220,6 +241,7 @@ class Settings:
     storage: StorageSettings = field(default_factory=StorageSettings)
     forward: ForwardSettings = field(default_factory=ForwardSettings)
     destinations: tuple[DestinationSettings, ...] = ()
+    disks: DisksSettings = field(default_factory=lambda: DisksSettings(enabled=False))
     source: str = "embedded defaults"
 
     @property
@@ -228,7 +250,7 @@ class Settings:
 
 
 SECTIONS: dict[str, type] = {"node": NodeSettings, "storage": StorageSettings,
-                             "forward": ForwardSettings}
+                             "forward": ForwardSettings, "disks": DisksSettings}
 # Sections written [[name]], one table per item: name -> (Settings attribute, class).
 LIST_SECTIONS: dict[str, tuple[str, type]] = {"destination": ("destinations", DestinationSettings)}
 

@@ -39,6 +39,12 @@ def _forward_main(settings: Settings) -> int:
     return run(settings)
 
 
+def _disks_main(settings: Settings) -> int:
+    from appliance.disks.service import run
+
+    return run(settings)
+
+
 SERVICES: dict[str, ServiceSpec] = {
     "dicom": ServiceSpec(
         "dicom", "Verification and Storage SCP into the archive", lambda s: True, _dicom_main
@@ -50,6 +56,10 @@ SERVICES: dict[str, ServiceSpec] = {
     "forward": ServiceSpec(
         "forward", "sends every object to the destinations whose rules match",
         lambda s: bool(s.destinations), _forward_main,
+    ),
+    "disks": ServiceSpec(
+        "disks", "copies to the external disk pairs, verifies, frees the spool",
+        lambda s: s.disks.enabled, _disks_main,
     ),
 }
 

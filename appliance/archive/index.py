@@ -17,7 +17,28 @@ from typing import Any
 
 from appliance.archive.record import InstanceRecord
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
+
+DISK_TABLES = """
+CREATE TABLE IF NOT EXISTS disks (
+    uuid TEXT PRIMARY KEY,
+    label TEXT NOT NULL,
+    role TEXT NOT NULL,
+    pair INTEGER NOT NULL DEFAULT 0,
+    adopted_at TEXT NOT NULL DEFAULT '',
+    last_seen_at TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS disk_copies (
+    sop_instance_uid TEXT NOT NULL,
+    disk_uuid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    verified_at TEXT NOT NULL,
+    PRIMARY KEY (sop_instance_uid, disk_uuid)
+);
+CREATE INDEX IF NOT EXISTS disk_copies_disk ON disk_copies(disk_uuid);
+ALTER TABLE instances ADD COLUMN spool_purged_at TEXT NOT NULL DEFAULT ''
+"""
 
 FORWARD_TABLES = """
 CREATE TABLE IF NOT EXISTS forward_jobs (
@@ -70,6 +91,7 @@ MIGRATIONS = {
     2: "ALTER TABLE instances ADD COLUMN dataset_sha256 TEXT NOT NULL DEFAULT ''",
     3: CONVERSION_TABLES,
     4: FORWARD_TABLES,
+    5: DISK_TABLES,
 }
 
 SCHEMA = """
@@ -110,7 +132,8 @@ CREATE TABLE IF NOT EXISTS instances (
     dataset_sha256 TEXT NOT NULL DEFAULT '',
     calling_ae TEXT NOT NULL DEFAULT '',
     source TEXT NOT NULL DEFAULT '',
-    received_at TEXT NOT NULL
+    received_at TEXT NOT NULL,
+    spool_purged_at TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS patients_name ON patients(patient_name);
 CREATE INDEX IF NOT EXISTS studies_patient ON studies(patient_ref);
@@ -120,7 +143,7 @@ CREATE INDEX IF NOT EXISTS series_study ON series(study_ref);
 CREATE INDEX IF NOT EXISTS series_modality ON series(modality);
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_ref);
 CREATE INDEX IF NOT EXISTS instances_received ON instances(received_at);
-""" + CONVERSION_TABLES + ";" + FORWARD_TABLES + ";"
+""" + CONVERSION_TABLES + ";" + FORWARD_TABLES + ";" + DISK_TABLES.split("ALTER TABLE")[0]
 
 INSTANCE_VIEW = """
 SELECT i.sop_instance_uid, i.sop_class_uid, i.instance_number, i.transfer_syntax_uid,

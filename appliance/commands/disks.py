@@ -1,0 +1,53 @@
+"""`appliance disks status|adopt|copy|verify`: the external disks, for a field engineer."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from appliance.archive import open_archive
+from appliance.config import Settings
+from appliance.disks.manager import DiskError, DiskManager
+
+
+def _gb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e9:.1f} GB"
+
+
+def main(settings: Settings, action: str, label: str | None, role: str | None, pair: int | None,
+         as_json: bool) -> int:
+    manager = DiskManager(open_archive(settings), settings.disks)
+    try:
+        if action == "adopt":
+            if not label or not role:
+                print("appliance disks adopt LABEL --role primary|mirror|spare", file=sys.stderr)
+                return 2
+            disk = manager.adopt(label, role, pair)
+            print(f"{disk.label}: adopted as {disk.role}" + (f" of pair {disk.pair}" if disk.pair else ""))
+            return 0
+        if action == "copy":
+            made = manager.copy_round(limit=1_000_000)
+            print(f"{made} verified copies made")
+            return 0
+        if action == "verify":
+            tally = manager.verify(label)
+            print(json.dumps(tally) if as_json else ", ".join(f"{v} {k}" for k, v in tally.items()))
+            return 1 if tally["unrepairable"] else 0
+    except DiskError as exc:
+        print(f"appliance disks: {exc}", file=sys.stderr)
+        return 2
+    rows = manager.status()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no disk adopted yet: plug one in and `appliance disks adopt LABEL --role primary`")
+    for r in rows:
+        where = r["mountpoint"] or "NOT MOUNTED"
+        active = " (active)" if r["active"] else ""
+        print(f"{r['label']:<14} {r['role']:<8} pair {r['pair']}{active}  {where}  "
+              f"{_gb(r['free_bytes'])} free of {_gb(r['total_bytes'])}, {r['instances']} images "
+              f"{r['oldest_study_date']}..{r['newest_study_date']}")
+    for warning in manager.warnings():
+        print(f"WARNING: {warning}")
+    return 0

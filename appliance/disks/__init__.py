@@ -1,0 +1,1 @@
+"""External USB HDDs: adoption, capacity, mirrored copies, retention, verification."""

@@ -1,0 +1,306 @@
+"""The external disks: adopted by a field engineer, filled in mirror pairs, verified.
+
+A disk the appliance does not know is never written to: `adopt` writes a
+small identity file on it (label, UUID, role, pair) and a row in the index.
+Copies go to both disks of the active pair, each one read back and checked
+against the archive's sha256 before it is recorded; an image leaves the
+internal spool only when two verified copies exist on external disks and it
+is older than [disks] spool_days, whatever the free space.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.archive import durable
+from appliance.archive.ingest import Archive, now_local
+from appliance.config import DisksSettings
+from appliance.disks.devices import Filesystem, capacity, mounted
+
+log = logging.getLogger("appliance.disks")
+
+IDENTITY_FILE = ".gateway-disk.json"
+ROOT = "gateway"  # everything the appliance writes on a disk lives under this folder
+ROLES = ("primary", "mirror", "spare")
+
+
+class DiskError(Exception):
+    """A disk command cannot be done; the message says why and what to do."""
+
+
+@dataclass
+class Disk:
+    uuid: str
+    label: str
+    role: str
+    pair: int
+    filesystem: Filesystem | None  # None when not mounted (unplugged, dead)
+
+    @property
+    def mounted(self) -> bool:
+        return self.filesystem is not None
+
+    @property
+    def root(self) -> Path:
+        assert self.filesystem is not None
+        return self.filesystem.mountpoint / ROOT
+
+
+def _sha256(path: Path, from_disk: bool = False) -> str:
+    """sha256 of a file; `from_disk` drops its cached pages first, so a just-written
+    copy is read back from the disk itself, not from memory."""
+    with open(path, "rb") as fp:
+        if from_disk and hasattr(os, "posix_fadvise"):
+            os.fsync(fp.fileno())
+            os.posix_fadvise(fp.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        return hashlib.file_digest(fp, "sha256").hexdigest()
+
+
+class DiskManager:
+    def __init__(self, archive: Archive, settings: DisksSettings) -> None:
+        self.archive = archive
+        self.settings = settings
+        self.index = archive.index
+
+    # --- which disks ---------------------------------------------------------------------
+
+    def disks(self) -> list[Disk]:
+        """Every adopted disk, mounted or not, by pair then role."""
+        by_uuid = {fs.uuid: fs for fs in mounted() if fs.uuid}
+        rows = self.index.connection().execute(
+            "SELECT uuid, label, role, pair FROM disks ORDER BY pair = 0, pair, role DESC").fetchall()
+        found = []
+        for uuid, label, role, pair in rows:
+            fs = by_uuid.get(uuid)
+            if fs is not None and not (fs.mountpoint / IDENTITY_FILE).is_file():
+                fs = None  # same UUID but not our disk any more (reformatted): never write to it
+            found.append(Disk(uuid, label, role, pair, fs))
+        return found
+
+    def adopt(self, label: str, role: str, pair: int | None = None) -> Disk:
+        if role not in ROLES:
+            raise DiskError(f"role must be one of {', '.join(ROLES)}")
+        candidates = [fs for fs in mounted() if fs.label == label or fs.uuid == label]
+        if not candidates:
+            raise DiskError(f"no mounted file system has the label or UUID {label!r}; plug the disk in "
+                            "and mount it (or check the label with `blkid`)")
+        fs = candidates[0]
+        if os.stat(fs.mountpoint).st_dev == os.stat(self.archive.data_dir).st_dev:
+            raise DiskError(f"{label} holds the internal archive ({self.archive.data_dir}); adopt an "
+                            "external disk")
+        if role == "spare":
+            pair = 0
+        elif pair is None:
+            pair = self._free_slot(role)
+        identity = {"label": fs.label, "uuid": fs.uuid, "role": role, "pair": pair,
+                    "adopted_at": now_local().isoformat(timespec="seconds"), "appliance": "gateway"}
+        durable.write_durable(fs.mountpoint / IDENTITY_FILE, json.dumps(identity, indent=2).encode(),
+                              fs.mountpoint)
+        durable.make_dirs_durable(fs.mountpoint / ROOT / "tmp")
+        with self.index.transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO disks (uuid, label, role, pair, adopted_at) "
+                         "VALUES (?, ?, ?, ?, ?)", (fs.uuid, fs.label, role, pair, identity["adopted_at"]))
+        log.warning("adopted disk %s (UUID %s) as %s of pair %d", fs.label, fs.uuid, role, pair)
+        return Disk(fs.uuid, fs.label, role, pair, fs)
+
+    def _free_slot(self, role: str) -> int:
+        taken = {row[0] for row in self.index.connection().execute(
+            "SELECT pair FROM disks WHERE role = ?", (role,))}
+        pair = 1
+        while pair in taken:
+            pair += 1
+        return pair
+
+    def pairs(self) -> dict[int, list[Disk]]:
+        grouped: dict[int, list[Disk]] = {}
+        for disk in self.disks():
+            if disk.pair:
+                grouped.setdefault(disk.pair, []).append(disk)
+        return grouped
+
+    def active_pair(self) -> tuple[int, list[Disk]] | None:
+        """The first pair with a mounted disk that still has room; rotation moves past full ones."""
+        floor = self.settings.min_free_gb * 1e9
+        for pair, disks in sorted(self.pairs().items()):
+            present = [d for d in disks if d.mounted]
+            if present and all(capacity(d.filesystem.mountpoint)[1] >= floor for d in present):
+                return pair, disks
+        return None
+
+    # --- copying -----------------------------------------------------------------------------
+
+    def _missing(self, disk: Disk, limit: int) -> list[tuple[str, str, str]]:
+        """Spool images this disk lacks, unless another pair already holds them (rotation)."""
+        return self.index.connection().execute(
+            """SELECT i.sop_instance_uid, i.path, i.sha256 FROM instances i
+               WHERE i.spool_purged_at = ''
+                 AND NOT EXISTS (SELECT 1 FROM disk_copies c WHERE c.sop_instance_uid = i.sop_instance_uid
+                                   AND c.disk_uuid = ?)
+                 AND NOT EXISTS (SELECT 1 FROM disk_copies c JOIN disks d ON d.uuid = c.disk_uuid
+                                   WHERE c.sop_instance_uid = i.sop_instance_uid AND d.pair != ?)
+               ORDER BY i.id LIMIT ?""",
+            (disk.uuid, disk.pair, limit),
+        ).fetchall()
+
+    def copy_round(self, limit: int = 200) -> int:
+        """Copy up to `limit` images to each mounted disk of the active pair; return copies made."""
+        active = self.active_pair()
+        if active is None:
+            return 0
+        _pair, disks = active
+        floor = self.settings.min_free_gb * 1e9
+        made = 0
+        for disk in disks:
+            if not disk.mounted:
+                continue
+            for uid, relative, sha in self._missing(disk, limit):
+                if capacity(disk.filesystem.mountpoint)[1] < floor:
+                    log.warning("%s is below [disks] min_free_gb: rotating to the next pair", disk.label)
+                    break
+                try:
+                    self.copy_one(disk, uid, relative, sha)
+                    made += 1
+                except OSError as exc:
+                    log.error("copy of %s to %s failed: %s; the pair is degraded until it returns",
+                              uid, disk.label, exc)
+                    break
+                if self.settings.pause_ms:
+                    time.sleep(self.settings.pause_ms / 1000)
+        return made
+
+    def copy_one(self, disk: Disk, uid: str, relative: str, sha: str) -> None:
+        """Copy, fsync, rename, read back, compare, then record: a copy counts only when verified."""
+        source = self.archive.data_dir / relative
+        target = disk.root / relative
+        temp = disk.root / "tmp" / f"{os.getpid()}-{uid[-40:]}.part"
+        durable.make_dirs_durable(temp.parent)
+        with open(source, "rb") as src, open(temp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+            dst.flush()
+            os.fsync(dst.fileno())
+        durable.move_durable(temp, target, sync_source_dir=False)
+        if _sha256(target, from_disk=True) != sha:
+            target.unlink(missing_ok=True)
+            raise OSError(f"copy of {uid} on {disk.label} does not match the archive's sha256")
+        with self.index.transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO disk_copies (sop_instance_uid, disk_uuid, path, sha256, "
+                         "verified_at) VALUES (?, ?, ?, ?, ?)",
+                         (uid, disk.uuid, relative, sha, now_local().isoformat(timespec="seconds")))
+
+    # --- retention ----------------------------------------------------------------------------
+
+    def purge_spool(self, now: dt.datetime | None = None) -> int:
+        """Remove spool files older than spool_days that have two verified external copies."""
+        cutoff = ((now or now_local()) - dt.timedelta(days=self.settings.spool_days)).isoformat()
+        rows = self.index.connection().execute(
+            """SELECT i.sop_instance_uid, i.path FROM instances i
+               WHERE i.spool_purged_at = '' AND i.received_at < ?
+                 AND (SELECT COUNT(DISTINCT disk_uuid) FROM disk_copies c
+                      WHERE c.sop_instance_uid = i.sop_instance_uid) >= 2""",
+            (cutoff,),
+        ).fetchall()
+        for uid, relative in rows:
+            with self.index.transaction() as conn:
+                conn.execute("UPDATE instances SET spool_purged_at = ? WHERE sop_instance_uid = ?",
+                             (now_local().isoformat(timespec="seconds"), uid))
+            (self.archive.data_dir / relative).unlink(missing_ok=True)
+        if rows:
+            log.info("removed %d image(s) from the internal spool: each has two verified copies", len(rows))
+        return len(rows)
+
+    # --- verification -------------------------------------------------------------------------
+
+    def verify(self, label: str | None = None) -> dict[str, int]:
+        """Re-read every recorded copy; repair a damaged one from its partner (or the spool)."""
+        tally = {"checked": 0, "good": 0, "repaired": 0, "unrepairable": 0, "missing_disk": 0}
+        disks = {d.uuid: d for d in self.disks()}
+        targets = [d for d in disks.values() if label in (None, d.label, d.uuid)]
+        if label is not None and not targets:
+            raise DiskError(f"no adopted disk is called {label!r}; see `appliance disks status`")
+        for disk in targets:
+            if not disk.mounted:
+                tally["missing_disk"] += 1
+                continue
+            for uid, relative, sha in self.index.connection().execute(
+                    "SELECT sop_instance_uid, path, sha256 FROM disk_copies WHERE disk_uuid = ?",
+                    (disk.uuid,)).fetchall():
+                tally["checked"] += 1
+                target = disk.root / relative
+                if target.is_file() and _sha256(target, from_disk=True) == sha:
+                    tally["good"] += 1
+                    continue
+                if self._repair(disk, uid, relative, sha, disks):
+                    tally["repaired"] += 1
+                else:
+                    tally["unrepairable"] += 1
+        return tally
+
+    def _repair(self, disk: Disk, uid: str, relative: str, sha: str, disks: dict[str, Disk]) -> bool:
+        sources = [self.archive.data_dir / relative]
+        for other_uuid, other_path in self.index.connection().execute(
+                "SELECT disk_uuid, path FROM disk_copies WHERE sop_instance_uid = ? AND disk_uuid != ?",
+                (uid, disk.uuid)).fetchall():
+            other = disks.get(other_uuid)
+            if other is not None and other.mounted:
+                sources.append(other.root / other_path)
+        for source in sources:
+            if source.is_file() and _sha256(source) == sha:
+                temp = disk.root / "tmp" / f"{os.getpid()}-repair.part"
+                shutil.copyfile(source, temp)
+                with open(temp, "rb+") as fp:
+                    os.fsync(fp.fileno())
+                durable.move_durable(temp, disk.root / relative, sync_source_dir=False)
+                if _sha256(disk.root / relative) == sha:
+                    log.warning("repaired %s on %s from %s", uid, disk.label, source)
+                    return True
+        log.error("%s on %s is damaged and no good copy is left to repair it from", uid, disk.label)
+        return False
+
+    # --- status ---------------------------------------------------------------------------------
+
+    def status(self) -> list[dict[str, Any]]:
+        active = self.active_pair()
+        rows = []
+        for disk in self.disks():
+            entry: dict[str, Any] = {"label": disk.label, "uuid": disk.uuid, "role": disk.role,
+                                     "pair": disk.pair, "mounted": disk.mounted,
+                                     "active": bool(active and active[0] == disk.pair and disk.mounted)}
+            conn = self.index.connection()
+            entry["instances"] = conn.execute("SELECT COUNT(*) FROM disk_copies WHERE disk_uuid = ?",
+                                              (disk.uuid,)).fetchone()[0]
+            dates = conn.execute(
+                """SELECT MIN(st.study_date), MAX(st.study_date) FROM disk_copies c
+                   JOIN instances i ON i.sop_instance_uid = c.sop_instance_uid
+                   JOIN series se ON se.id = i.series_ref JOIN studies st ON st.id = se.study_ref
+                   WHERE c.disk_uuid = ?""", (disk.uuid,)).fetchone()
+            entry["oldest_study_date"], entry["newest_study_date"] = dates[0] or "", dates[1] or ""
+            if disk.mounted:
+                total, free = capacity(disk.filesystem.mountpoint)
+                entry.update(total_bytes=total, free_bytes=free, used_bytes=total - free,
+                             mountpoint=str(disk.filesystem.mountpoint))
+            else:
+                entry.update(total_bytes=None, free_bytes=None, used_bytes=None, mountpoint=None)
+            rows.append(entry)
+        return rows
+
+    def warnings(self) -> Iterator[str]:
+        pairs = self.pairs()
+        active = self.active_pair()
+        if pairs and active is None:
+            yield "every disk pair is full or absent: images stay on the internal disk; add disks"
+        elif active is not None and active[0] == max(pairs):
+            yield f"pair {active[0]} is the last one: adopt new disks before it fills"
+        for pair, disks in sorted(pairs.items()):
+            if len(disks) < 2 or not all(d.mounted for d in disks):
+                yield f"pair {pair} is degraded: " + ", ".join(
+                    f"{d.label} {'present' if d.mounted else 'MISSING'}" for d in disks)

@@ -1,0 +1,49 @@
+"""`appliance disks` without a subcommand: the disk service.
+
+In the copy window it fills the active pair, a batch at a time with a pause
+between files (receiving must not suffer); at any time it removes from the
+internal spool what is old enough and safely on two external disks, and it
+publishes every disk's state for `appliance status` and the status page.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from appliance.config import Settings
+from appliance.disks.manager import DiskManager
+from appliance.disks.window import in_window
+from appliance.service import start_with_archive
+
+log = logging.getLogger("appliance.disks")
+IDLE_SECONDS = 10.0
+PURGE_EVERY_SECONDS = 600.0
+
+
+def run(settings: Settings) -> int:
+    started = start_with_archive("disks", settings)
+    if started is None:
+        return 1
+    shell, archive = started
+    manager = DiskManager(archive, settings.disks)
+    shell.ready(f"copy window {settings.disks.copy_window}")
+    copied, last_purge = 0, 0.0
+    while not shell.stopping.is_set():
+        busy = False
+        try:
+            if in_window(settings.disks.copy_window):
+                made = manager.copy_round()
+                copied += made
+                busy = made > 0
+            if time.monotonic() - last_purge > PURGE_EVERY_SECONDS:
+                manager.purge_spool()
+                last_purge = time.monotonic()
+            shell.write_state({"disks": manager.status(), "warnings": list(manager.warnings()),
+                               "copied": copied})
+        except Exception:  # a disk that vanishes mid-way must not end the service
+            log.exception("disk round failed; trying again in %.0f s", IDLE_SECONDS)
+        if not busy:
+            shell.stopping.wait(IDLE_SECONDS)
+    shell.stopped({"copied": copied})
+    return 0

@@ -1,0 +1,174 @@
+"""External disks on real file systems: ext4 images on loop devices (the tests run as root)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance import config
+from appliance.archive import open_archive
+from appliance.disks.manager import DiskManager
+from tests.conftest import run_cli, synthetic_ct, write_config
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="loop-mounting ext4 images needs root"),
+]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def usb(tmp_path: Path) -> Iterator:
+    """usb(label, mb) -> mount point of a fresh ext4 disk with that label."""
+    mounts: list[tuple[Path, Path]] = []
+
+    def make(label: str, mb: int = 40) -> Path:
+        image = tmp_path / f"{label}.img"
+        mount = tmp_path / f"mnt-{label}"
+        mount.mkdir()
+        _run("truncate", "-s", f"{mb}M", str(image))
+        made = _run("mkfs.ext4", "-q", "-m", "0", "-F", "-L", label, str(image))
+        assert made.returncode == 0, made.stderr
+        mounted = _run("mount", "-o", "loop", str(image), str(mount))
+        if mounted.returncode != 0:
+            pytest.skip(f"cannot loop-mount here: {mounted.stderr.strip()}")
+        mounts.append((image, mount))
+        return mount
+
+    yield make
+    for image, mount in mounts:
+        if _run("umount", str(mount)).returncode != 0:
+            _run("umount", "-l", str(mount))
+        for line in _run("losetup", "-j", str(image)).stdout.splitlines():
+            _run("losetup", "-d", line.split(":", 1)[0])
+
+
+@pytest.fixture
+def gateway(tmp_path: Path):
+    path = write_config(tmp_path / "a.toml", {"data_dir": str(tmp_path / "data"), "min_free_mb": 1})
+    with open(path, "a") as fp:
+        fp.write('\n[disks]\ncopy_window = "always"\nspool_days = 30\nmin_free_gb = 0.005\npause_ms = 0\n')
+    return path
+
+
+def _import(config_path: Path, tmp_path: Path, count: int, name: str = "ct", size: int = 128) -> None:
+    files = synthetic_ct(tmp_path / name, count, size=size, patient_id=name.upper())
+    result = run_cli(config_path, "import", *map(str, files))
+    assert f"imported {count}" in result.stdout
+
+
+def _status(config_path: Path) -> list[dict]:
+    return json.loads(run_cli(config_path, "disks", "status", "--json").stdout)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_adopt_copy_and_status(gateway: Path, usb, tmp_path: Path) -> None:
+    a, b, stranger = usb("GW_A"), usb("GW_B"), usb("SOMEONES")
+    adopted = run_cli(gateway, "disks", "adopt", "GW_A", "--role", "primary").stdout
+    assert "adopted as primary of pair 1" in adopted
+    adopted = run_cli(gateway, "disks", "adopt", "GW_B", "--role", "mirror").stdout
+    assert "adopted as mirror of pair 1" in adopted
+    missing = run_cli(gateway, "disks", "adopt", "NOPE", "--role", "primary", check=False)
+    assert missing.returncode == 2 and "no mounted file system has the label" in missing.stderr
+    _import(gateway, tmp_path, 12)
+    assert "24 verified copies made" in run_cli(gateway, "disks", "copy").stdout
+    rows = {r["label"]: r for r in _status(gateway)}
+    for label in ("GW_A", "GW_B"):
+        row = rows[label]
+        assert row["mounted"] and row["pair"] == 1 and row["instances"] == 12
+        assert row["total_bytes"] > row["free_bytes"] > 0
+    assert {rows["GW_A"]["role"], rows["GW_B"]["role"]} == {"primary", "mirror"}
+    # The copies are the archive's bytes, on both disks; the stranger's disk is untouched.
+    archive = tmp_path / "data"
+    for spool in (archive / "archive").rglob("*.dcm"):
+        relative = spool.relative_to(archive)
+        assert _sha(a / "gateway" / relative) == _sha(b / "gateway" / relative) == _sha(spool)
+    assert sorted(p.name for p in stranger.iterdir()) == ["lost+found"]
+
+
+def test_spool_leaves_only_with_two_verified_copies_and_age(gateway: Path, usb, tmp_path: Path) -> None:
+    usb("GW_A")
+    run_cli(gateway, "disks", "adopt", "GW_A", "--role", "primary")
+    _import(gateway, tmp_path, 5)
+    settings = config.load(gateway)
+    manager = DiskManager(open_archive(settings), settings.disks)
+    later = dt.datetime.now().astimezone() + dt.timedelta(days=31)
+    assert manager.copy_round() == 5
+    assert manager.purge_spool(now=later) == 0, "one copy is not enough, whatever the age"
+    usb("GW_B")
+    run_cli(gateway, "disks", "adopt", "GW_B", "--role", "mirror")
+    assert manager.copy_round() == 5
+    assert manager.purge_spool() == 0, "two copies, but not old enough yet"
+    assert manager.purge_spool(now=later) == 5
+    assert list((tmp_path / "data" / "archive").rglob("*.dcm")) == []
+
+
+def test_verify_finds_and_repairs_a_flipped_byte(gateway: Path, usb, tmp_path: Path) -> None:
+    usb("GW_A")
+    b = usb("GW_B")
+    run_cli(gateway, "disks", "adopt", "GW_A", "--role", "primary")
+    run_cli(gateway, "disks", "adopt", "GW_B", "--role", "mirror")
+    _import(gateway, tmp_path, 4)
+    run_cli(gateway, "disks", "copy")
+    victim = next((b / "gateway").rglob("*.dcm"))
+    good = _sha(victim)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    report = json.loads(run_cli(gateway, "disks", "verify", "GW_B", "--json").stdout)
+    assert report["repaired"] == 1 and report["good"] == 3 and report["unrepairable"] == 0
+    assert _sha(victim) == good
+    again = json.loads(run_cli(gateway, "disks", "verify", "--json").stdout)
+    assert again["good"] == 8 and again["repaired"] == 0
+
+
+def test_missing_mirror_degrades_then_catches_up(gateway: Path, usb, tmp_path: Path) -> None:
+    usb("GW_A")
+    b = usb("GW_B")
+    run_cli(gateway, "disks", "adopt", "GW_A", "--role", "primary")
+    run_cli(gateway, "disks", "adopt", "GW_B", "--role", "mirror")
+    assert _run("umount", "-l", str(b)).returncode == 0  # unplugged
+    _import(gateway, tmp_path, 6)
+    assert "6 verified copies made" in run_cli(gateway, "disks", "copy").stdout
+    text = run_cli(gateway, "disks", "status").stdout
+    assert "NOT MOUNTED" in text and "pair 1 is degraded" in text
+    rows = {r["label"]: r for r in _status(gateway)}
+    assert rows["GW_B"]["mounted"] is False and rows["GW_A"]["instances"] == 6
+    image = next(tmp_path.glob("GW_B.img"))
+    assert _run("mount", "-o", "loop", str(image), str(b)).returncode == 0  # plugged back
+    assert "6 verified copies made" in run_cli(gateway, "disks", "copy").stdout
+    assert {r["instances"] for r in _status(gateway)} == {6}
+
+
+def test_full_pair_rotates_to_the_next(gateway: Path, usb, tmp_path: Path) -> None:
+    for label, role in (("P1_A", "primary"), ("P1_B", "mirror")):
+        usb(label, mb=8)
+        run_cli(gateway, "disks", "adopt", label, "--role", role)
+    for label, role in (("P2_A", "primary"), ("P2_B", "mirror")):
+        usb(label, mb=40)
+        run_cli(gateway, "disks", "adopt", label, "--role", role)
+    _import(gateway, tmp_path, 40, size=256)  # 40 x 131 KB: more than pair 1 holds above 5 MB free
+    for _ in range(5):
+        run_cli(gateway, "disks", "copy")
+    rows = {r["label"]: r for r in _status(gateway)}
+    first, second = rows["P1_A"]["instances"], rows["P2_A"]["instances"]
+    assert first > 0 and second > 0, "pair 1 filled, pair 2 took over"
+    assert first + second == 40, "no image lost or duplicated across pairs"
+    assert rows["P1_B"]["instances"] == first and rows["P2_B"]["instances"] == second
+    assert rows["P2_A"]["active"] and not rows["P1_A"]["active"]
+    assert "pair 2 is the last one" in run_cli(gateway, "disks", "status").stdout
+    assert shutil.disk_usage(tmp_path / "mnt-P1_A").free >= 0
