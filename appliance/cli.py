@@ -82,11 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--study", metavar="UID")
     which.add_argument("--patient-id", metavar="ID")
 
-    dsk = commands.add_parser("disks", help="external disks: the service, or status|adopt|copy|verify")
-    dsk.add_argument("action", nargs="?", choices=["status", "adopt", "copy", "verify"])
+    dsk = commands.add_parser("disks", help="external disks: the service, or a command (status, adopt, ...)")
+    dsk.add_argument("action", nargs="?", choices=["status", "adopt", "copy", "verify", "rebuild", "rescan"])
     dsk.add_argument("label", nargs="?", metavar="LABEL")
     dsk.add_argument("--role", choices=["primary", "mirror", "spare"])
     dsk.add_argument("--pair", type=int, metavar="N")
+    dsk.add_argument("--from", dest="source", metavar="LABEL", help="with rebuild: the surviving disk")
     dsk.add_argument("--json", action="store_true")
 
     cfg = commands.add_parser("config", help="show the settings in force, or check a file")
@@ -161,7 +162,7 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
     if args.command == "disks" and args.action:
         from appliance.commands import disks
 
-        return disks.main(settings, args.action, args.label, args.role, args.pair, args.json)
+        return disks.main(settings, args.action, args.label, args.role, args.pair, args.json, args.source)
     if args.command in ("queue", "send"):
         from appliance.commands import queue
 

@@ -172,3 +172,44 @@ def test_full_pair_rotates_to_the_next(gateway: Path, usb, tmp_path: Path) -> No
     assert rows["P2_A"]["active"] and not rows["P1_A"]["active"]
     assert "pair 2 is the last one" in run_cli(gateway, "disks", "status").stdout
     assert shutil.disk_usage(tmp_path / "mnt-P1_A").free >= 0
+
+
+def test_blank_replacement_is_rebuilt_from_the_survivor(gateway: Path, usb, tmp_path: Path) -> None:
+    usb("GW_A")
+    b = usb("GW_B")
+    run_cli(gateway, "disks", "adopt", "GW_A", "--role", "primary")
+    run_cli(gateway, "disks", "adopt", "GW_B", "--role", "mirror")
+    _import(gateway, tmp_path, 7)
+    run_cli(gateway, "disks", "copy")
+    assert _run("umount", "-l", str(b)).returncode == 0  # GW_B died
+    c = usb("GW_C")  # a blank replacement
+    result = run_cli(gateway, "disks", "rebuild", "GW_C", "--from", "GW_A")
+    assert "7 copied and verified, 0 failed" in result.stdout
+    rows = {r["label"]: r for r in _status(gateway)}
+    assert "GW_B" not in rows, "the dead disk is dropped from the index"
+    assert rows["GW_C"]["role"] == "mirror" and rows["GW_C"]["pair"] == 1 and rows["GW_C"]["instances"] == 7
+    for copy in (tmp_path / "mnt-GW_A" / "gateway" / "archive").rglob("*.dcm"):
+        twin = c / "gateway" / copy.relative_to(tmp_path / "mnt-GW_A" / "gateway")
+        assert _sha(twin) == _sha(copy)
+    assert json.loads(run_cli(gateway, "disks", "verify", "--json").stdout)["good"] == 14
+
+
+def test_rescan_of_an_old_gateway_disk_rebuilds_the_index(gateway: Path, usb, tmp_path: Path) -> None:
+    old = usb("OLDGW")
+    files = synthetic_ct(tmp_path / "old", 6, size=64, patient_id="OLD1")
+    for n, source in enumerate(files):  # the old PC's layout: E:\\20240105\\CR-12345\\IMG0001
+        folder = old / "20240105" / "CT-OLD1"
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, folder / f"IMG{n:04d}")
+    (old / "20240105" / "readme.txt").write_text("backup of the gateway PC")
+    (old / "20240105" / "CT-OLD1" / "BROKEN").write_bytes(files[0].read_bytes()[:3000])
+    run_cli(gateway, "disks", "adopt", "OLDGW", "--role", "spare")
+    report = json.loads(run_cli(gateway, "disks", "rescan", "OLDGW", "--json").stdout)
+    assert report == {"found": 6, "already_known": 0, "known_other_content": 0, "unreadable": 1,
+                      "not_dicom": 1}
+    found = json.loads("[" + ",".join(run_cli(gateway, "find", "--json", "--patient-id", "OLD1")
+                                      .stdout.split("\n")[:-1]) + "]")
+    assert len(found) == 6
+    again = json.loads(run_cli(gateway, "disks", "rescan", "OLDGW", "--json").stdout)
+    assert again["found"] == 0 and again["already_known"] == 6
+    assert json.loads(run_cli(gateway, "disks", "verify", "OLDGW", "--json").stdout)["good"] == 6

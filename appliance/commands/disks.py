@@ -15,7 +15,7 @@ def _gb(n: int | None) -> str:
 
 
 def main(settings: Settings, action: str, label: str | None, role: str | None, pair: int | None,
-         as_json: bool) -> int:
+         as_json: bool, source: str | None = None) -> int:
     manager = DiskManager(open_archive(settings), settings.disks)
     try:
         if action == "adopt":
@@ -28,6 +28,25 @@ def main(settings: Settings, action: str, label: str | None, role: str | None, p
         if action == "copy":
             made = manager.copy_round(limit=1_000_000)
             print(f"{made} verified copies made")
+            return 0
+        if action == "rebuild":
+            if not label or not source:
+                print("appliance disks rebuild NEW_LABEL --from LABEL", file=sys.stderr)
+                return 2
+            tally = manager.rebuild(label, source)
+            print(json.dumps(tally) if as_json else f"{tally['copied']} copied and verified, "
+                  f"{tally['failed']} failed")
+            return 1 if tally["failed"] else 0
+        if action == "rescan":
+            if not label:
+                print("appliance disks rescan LABEL", file=sys.stderr)
+                return 2
+            from appliance.disks.rescan import rescan
+
+            tally = rescan(manager, label)
+            keys = ("found", "already_known", "known_other_content", "unreadable", "not_dicom")
+            summary = {k: tally.get(k, 0) for k in keys}
+            print(json.dumps(summary) if as_json else ", ".join(f"{v} {k}" for k, v in summary.items()))
             return 0
         if action == "verify":
             tally = manager.verify(label)

@@ -180,22 +180,7 @@ class DiskManager:
 
     def copy_one(self, disk: Disk, uid: str, relative: str, sha: str) -> None:
         """Copy, fsync, rename, read back, compare, then record: a copy counts only when verified."""
-        source = self.archive.data_dir / relative
-        target = disk.root / relative
-        temp = disk.root / "tmp" / f"{os.getpid()}-{uid[-40:]}.part"
-        durable.make_dirs_durable(temp.parent)
-        with open(source, "rb") as src, open(temp, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-            dst.flush()
-            os.fsync(dst.fileno())
-        durable.move_durable(temp, target, sync_source_dir=False)
-        if _sha256(target, from_disk=True) != sha:
-            target.unlink(missing_ok=True)
-            raise OSError(f"copy of {uid} on {disk.label} does not match the archive's sha256")
-        with self.index.transaction() as conn:
-            conn.execute("INSERT OR REPLACE INTO disk_copies (sop_instance_uid, disk_uuid, path, sha256, "
-                         "verified_at) VALUES (?, ?, ?, ?, ?)",
-                         (uid, disk.uuid, relative, sha, now_local().isoformat(timespec="seconds")))
+        self._copy_from(self.archive.data_dir / relative, disk, uid, relative, sha)
 
     # --- retention ----------------------------------------------------------------------------
 
@@ -265,6 +250,61 @@ class DiskManager:
                     return True
         log.error("%s on %s is damaged and no good copy is left to repair it from", uid, disk.label)
         return False
+
+    # --- replacing a dead disk ------------------------------------------------------------------
+
+    def rebuild(self, new_label: str, source_label: str) -> dict[str, int]:
+        """Fill a blank replacement from the surviving disk of a pair, verify, re-point the index."""
+        disks = self.disks()
+        source = next((d for d in disks if source_label in (d.label, d.uuid)), None)
+        if source is None or not source.mounted:
+            raise DiskError(f"{source_label!r} is not an adopted, mounted disk; see `appliance disks status`")
+        if source.pair == 0:
+            raise DiskError(f"{source_label} is a spare; rebuild from a disk of a pair")
+        partners = [d for d in disks if d.pair == source.pair and d.uuid != source.uuid]
+        role = "mirror" if source.role == "primary" else "primary"
+        replaced = [d for d in partners if d.role == role]
+        if any(d.mounted and d.label != new_label for d in replaced):
+            raise DiskError(f"pair {source.pair} still has its {role} mounted; nothing to replace")
+        new = self.adopt(new_label, role, source.pair)
+        tally = {"copied": 0, "failed": 0}
+        rows = self.index.connection().execute(
+            "SELECT sop_instance_uid, path, sha256 FROM disk_copies WHERE disk_uuid = ?",
+            (source.uuid,)).fetchall()
+        for uid, relative, sha in rows:
+            try:
+                self._copy_from(source.root / relative, new, uid, relative, sha)
+                tally["copied"] += 1
+            except OSError as exc:
+                log.error("rebuild: %s could not be copied to %s: %s", uid, new.label, exc)
+                tally["failed"] += 1
+        if not tally["failed"]:
+            with self.index.transaction() as conn:
+                for old in replaced:
+                    if old.uuid != new.uuid:
+                        conn.execute("DELETE FROM disk_copies WHERE disk_uuid = ?", (old.uuid,))
+                        conn.execute("DELETE FROM disks WHERE uuid = ?", (old.uuid,))
+        log.warning("rebuilt %s from %s: %d copied, %d failed", new.label, source.label,
+                    tally["copied"], tally["failed"])
+        return tally
+
+    def _copy_from(self, source: Path, disk: Disk, uid: str, relative: str, sha: str) -> None:
+        """Copy an external file to `disk`, verified the same way as a copy from the spool."""
+        target = disk.root / relative
+        temp = disk.root / "tmp" / f"{os.getpid()}-{uid[-40:]}.part"
+        durable.make_dirs_durable(temp.parent)
+        with open(source, "rb") as src, open(temp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+            dst.flush()
+            os.fsync(dst.fileno())
+        durable.move_durable(temp, target, sync_source_dir=False)
+        if _sha256(target, from_disk=True) != sha:
+            target.unlink(missing_ok=True)
+            raise OSError(f"copy of {uid} on {disk.label} does not match its sha256")
+        with self.index.transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO disk_copies (sop_instance_uid, disk_uuid, path, sha256, "
+                         "verified_at) VALUES (?, ?, ?, ?, ?)",
+                         (uid, disk.uuid, relative, sha, now_local().isoformat(timespec="seconds")))
 
     # --- status ---------------------------------------------------------------------------------
 
