@@ -7,7 +7,9 @@ import hashlib
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -213,3 +215,36 @@ def test_rescan_of_an_old_gateway_disk_rebuilds_the_index(gateway: Path, usb, tm
     again = json.loads(run_cli(gateway, "disks", "rescan", "OLDGW", "--json").stdout)
     assert again["found"] == 0 and again["already_known"] == 6
     assert json.loads(run_cli(gateway, "disks", "verify", "OLDGW", "--json").stdout)["good"] == 6
+
+
+def test_disk_unmounted_mid_copy_records_nothing_false(gateway: Path, usb, tmp_path: Path) -> None:
+    import threading
+
+    usb("GW_A")
+    b = usb("GW_B")
+    run_cli(gateway, "disks", "adopt", "GW_A", "--role", "primary")
+    run_cli(gateway, "disks", "adopt", "GW_B", "--role", "mirror")
+    _import(gateway, tmp_path, 40)
+    settings = config.load(gateway)
+    slow = settings.disks.__class__(**{**settings.disks.__dict__, "pause_ms": 50.0})
+    manager = DiskManager(open_archive(settings), slow)
+    worker = threading.Thread(target=manager.copy_round)
+    worker.start()
+    deadline = time.monotonic() + 30
+    while len(list(b.rglob("*.dcm"))) < 5:  # the mirror's turn has begun
+        assert time.monotonic() < deadline and worker.is_alive(), "the copy never reached GW_B"
+        time.sleep(0.02)
+    assert _run("umount", "-l", str(b)).returncode == 0  # pulled out mid-copy
+    worker.join(60)
+    assert not list(b.rglob("*.dcm")), "nothing may land on the internal disk's empty mount point"
+    image = tmp_path / "GW_B.img"
+    assert _run("mount", "-o", "loop", str(image), str(b)).returncode == 0
+    index = sqlite3.connect(tmp_path / "data" / "index.sqlite")
+    recorded = index.execute(
+        "SELECT c.path, c.sha256 FROM disk_copies c JOIN disks d ON d.uuid = c.disk_uuid "
+        "WHERE d.label = 'GW_B'").fetchall()
+    assert 0 < len(recorded) < 40, "the unplug landed mid-copy"
+    for relative, sha in recorded:  # every recorded copy is really on the disk, intact
+        assert _sha(b / "gateway" / relative) == sha
+    run_cli(gateway, "disks", "copy")
+    assert {r["instances"] for r in _status(gateway)} == {40}

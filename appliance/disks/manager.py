@@ -45,6 +45,7 @@ class Disk:
     role: str
     pair: int
     filesystem: Filesystem | None  # None when not mounted (unplugged, dead)
+    device_id: int = 0  # st_dev of the mount point when found: tells a vanished disk apart
 
     @property
     def mounted(self) -> bool:
@@ -84,7 +85,8 @@ class DiskManager:
             fs = by_uuid.get(uuid)
             if fs is not None and not (fs.mountpoint / IDENTITY_FILE).is_file():
                 fs = None  # same UUID but not our disk any more (reformatted): never write to it
-            found.append(Disk(uuid, label, role, pair, fs))
+            found.append(Disk(uuid, label, role, pair, fs,
+                              os.stat(fs.mountpoint).st_dev if fs is not None else 0))
         return found
 
     def adopt(self, label: str, role: str, pair: int | None = None) -> Disk:
@@ -111,7 +113,7 @@ class DiskManager:
             conn.execute("INSERT OR REPLACE INTO disks (uuid, label, role, pair, adopted_at) "
                          "VALUES (?, ?, ?, ?, ?)", (fs.uuid, fs.label, role, pair, identity["adopted_at"]))
         log.warning("adopted disk %s (UUID %s) as %s of pair %d", fs.label, fs.uuid, role, pair)
-        return Disk(fs.uuid, fs.label, role, pair, fs)
+        return Disk(fs.uuid, fs.label, role, pair, fs, os.stat(fs.mountpoint).st_dev)
 
     def _free_slot(self, role: str) -> int:
         taken = {row[0] for row in self.index.connection().execute(
@@ -288,16 +290,32 @@ class DiskManager:
                     tally["copied"], tally["failed"])
         return tally
 
+    def _still_there(self, disk: Disk, path: Path) -> None:
+        """A disk unplugged (or lazily unmounted) leaves its mount point as an empty
+        folder of the internal disk: a write there must never count as a copy."""
+        try:
+            here = os.stat(path).st_dev
+        except FileNotFoundError:
+            here = os.stat(disk.filesystem.mountpoint).st_dev
+        if here != disk.device_id:
+            raise OSError(f"{disk.label} is no longer mounted at {disk.filesystem.mountpoint}")
+
     def _copy_from(self, source: Path, disk: Disk, uid: str, relative: str, sha: str) -> None:
         """Copy an external file to `disk`, verified the same way as a copy from the spool."""
         target = disk.root / relative
         temp = disk.root / "tmp" / f"{os.getpid()}-{uid[-40:]}.part"
+        self._still_there(disk, disk.filesystem.mountpoint)
         durable.make_dirs_durable(temp.parent)
         with open(source, "rb") as src, open(temp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
             dst.flush()
             os.fsync(dst.fileno())
         durable.move_durable(temp, target, sync_source_dir=False)
+        try:
+            self._still_there(disk, target)
+        except OSError:
+            target.unlink(missing_ok=True)  # written on the internal disk's empty mount point
+            raise
         if _sha256(target, from_disk=True) != sha:
             target.unlink(missing_ok=True)
             raise OSError(f"copy of {uid} on {disk.label} does not match its sha256")
