@@ -113,6 +113,12 @@ def render(report: dict[str, Any]) -> str:
                       else f"UNREACHABLE: {dest.get('last_error', '')}")
             lines.append(f"    -> {name:<12} {health}; {dest.get('pending', 0)} pending, "
                          f"{dest.get('failed', 0)} failed, {dest.get('done', 0)} sent")
+        for disk in entry.get("disks") or []:
+            where = "active" if disk.get("active") else ("mounted" if disk.get("mounted") else "MISSING")
+            lines.append(f"    disk {disk['label']:<12} {disk['role']:<7} pair {disk['pair']} {where}; "
+                         f"{disk['instances']} images")
+        for warning in entry.get("warnings") or []:
+            lines.append(f"    WARNING: {warning}")
     archive = report["archive"]
     disk = report["disk"]
     lines += [
