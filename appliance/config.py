@@ -140,7 +140,9 @@ class StorageSettings:
         "1.2.840.10008.1.2.4.91", _syntax_check("lossy"),
         "syntax for format = lossy (default JPEG 2000; holds 8-16 bit data)",
     )
-    lossy_quality: int = _checked(90, check_quality, "1-100: JPEG quality, J2K PSNR/2 dB, JPEG-LS NEAR")
+    lossy_quality: int = _checked(
+        90, check_quality, "1-100: JPEG quality; J2K ratio 2+(100-q)/2; JPEG-LS NEAR; HTJ2K step"
+    )
 
     def syntax(self, format_class: str) -> str:
         """The concrete syntax for a class name, as a UID."""

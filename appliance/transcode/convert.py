@@ -26,6 +26,7 @@ one library, bit-exact where lossless, readable by DCMTK.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import imagecodecs
@@ -85,19 +86,25 @@ class Quality:
 
 
 def convert(
-    ds: Dataset, target: str, quality: Quality | None = None, derived_uid: str | None = None
+    ds: Dataset,
+    target: str,
+    quality: Quality | None = None,
+    derived_uid: str | None = None,
+    in_place: bool = False,
 ) -> Conversion:
-    """A copy of `ds` with its pixel data in `target`; `ds` itself is not modified.
+    """`ds` with its pixel data in `target`: a copy, or `ds` itself when `in_place`.
 
     `derived_uid` is the SOP Instance UID a lossy result gets (a fresh one if
     None): the store pipeline derives it from the original so a retry makes
-    the same instance.
+    the same instance. `in_place` is for a caller that read the dataset just
+    for this conversion (the store pipeline): the deep copy is a third of the
+    cost of a fast lossless encode.
     """
     quality = quality or Quality()
     source = str(ds.file_meta.TransferSyntaxUID)
     if source == target:
-        return Conversion(copy.deepcopy(ds), source, target, False, None)
-    result = _convert(ds, source, target, quality, derived_uid)
+        return Conversion(ds if in_place else copy.deepcopy(ds), source, target, False, None)
+    result = _convert(ds, source, target, quality, derived_uid, in_place)
     _match_encoding(result.dataset, target)
     return result
 
@@ -110,15 +117,16 @@ def _match_encoding(ds: Dataset, target: str) -> None:
     first (so none is left to be parsed in the wrong encoding), then the
     encoding is set to the target's.
     """
-    for _element in ds.iterall():
-        pass
     implicit = target == uid.ImplicitVRLittleEndian
     little = target != uid.ExplicitVRBigEndian
+    if ds.original_encoding != (implicit, little):
+        for _element in ds.iterall():
+            pass
     ds.set_original_encoding(implicit, little, ds.original_character_set)
 
 
 def _convert(
-    ds: Dataset, source: str, target: str, quality: Quality, derived_uid: str | None
+    ds: Dataset, source: str, target: str, quality: Quality, derived_uid: str | None, in_place: bool
 ) -> Conversion:
     if class_of(source) is None or class_of(target) is None:
         raise CannotConvert(f"{name_of(source)} -> {name_of(target)}: video and unknown "
@@ -127,11 +135,11 @@ def _convert(
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise CannotConvert("float pixel data can only be sent uncompressed")
         if target in UNCOMPRESSED:  # no pixels (SR, KO, PR...): only the encoding changes
-            out = _native_copy(ds, source)
+            out = _native_copy(ds, source, in_place)
             out.file_meta.TransferSyntaxUID = target
             return Conversion(out, source, target, False, None)
         raise CannotConvert("object has no pixel data to compress")
-    native = _native_copy(ds, source)
+    native = _native_copy(ds, source, in_place)
     if target in UNCOMPRESSED:
         native.file_meta.TransferSyntaxUID = target
         return Conversion(native, source, target, False, None)
@@ -146,9 +154,9 @@ def _convert(
 # --- decoding ---------------------------------------------------------------------
 
 
-def _native_copy(ds: Dataset, source: str) -> Dataset:
-    """A deep copy of `ds` with native little endian pixel data."""
-    out = copy.deepcopy(ds)
+def _native_copy(ds: Dataset, source: str, in_place: bool = False) -> Dataset:
+    """`ds` (or a deep copy of it) with native little endian pixel data."""
+    out = ds if in_place else copy.deepcopy(ds)
     if source in NATIVE_LE:
         return out
     if source == uid.ExplicitVRBigEndian:
@@ -309,8 +317,15 @@ def _encode(
         encoded = [_j2k_lossy(native, f, quality) for f in frames]
     elif target in (uid.HTJ2KLossless, uid.HTJ2KLosslessRPCL, uid.HTJ2K):
         lossless = target != uid.HTJ2K
+        rpcl: dict[str, object] = {}
+        if target == uid.HTJ2KLosslessRPCL:
+            # PS3.5 10.18: RPCL (OpenJPH's default), TLM markers, lowest resolution <= 64
+            # pixels (imagecodecs' `resolutions` is the number of decompositions).
+            longest = max(int(native.Rows), int(native.Columns))
+            rpcl = {"tlm": True, "resolutions": max(5, math.ceil(math.log2(max(longest, 64) / 64)))}
         encoded = [imagecodecs.htj2k_encode(np.ascontiguousarray(f), reversible=lossless,
-                                            level=None if lossless else quality.htj2k_qstep())
+                                            level=None if lossless else quality.htj2k_qstep(),
+                                            **rpcl)
                    for f in frames]
     else:
         raise CannotConvert(f"no encoder for {name_of(target)}")
@@ -321,9 +336,11 @@ def _encode(
     out.file_meta.TransferSyntaxUID = target
     if target == uid.JPEGBaseline8Bit and colour:
         out.PhotometricInterpretation = "YBR_FULL_422"
-    elif target in (uid.JPEG2000Lossless, uid.JPEG2000) and colour and \
-            out.PhotometricInterpretation == "RGB":
-        out.PhotometricInterpretation = "YBR_RCT" if target == uid.JPEG2000Lossless else "YBR_ICT"
+    elif target in (uid.JPEG2000Lossless, uid.JPEG2000, uid.HTJ2KLossless, uid.HTJ2KLosslessRPCL,
+                    uid.HTJ2K) and colour and out.PhotometricInterpretation == "RGB":
+        # The codestreams carry the colour transform (PS3.5 8.2.4, 8.2.8): say so.
+        reversible = target in (uid.JPEG2000Lossless, uid.HTJ2KLossless, uid.HTJ2KLosslessRPCL)
+        out.PhotometricInterpretation = "YBR_RCT" if reversible else "YBR_ICT"
     if colour:
         out.PlanarConfiguration = 0
     lossy = target in LOSSY
@@ -352,9 +369,13 @@ def _j2k_lossy(native: Dataset, frame: np.ndarray, quality: Quality) -> bytes:
         samples_per_pixel=int(native.get("SamplesPerPixel", 1)),
         bits_allocated=int(native.BitsAllocated), bits_stored=int(native.BitsStored),
         pixel_representation=int(native.get("PixelRepresentation", 0)),
-        photometric_interpretation=str(native.PhotometricInterpretation),
-        number_of_frames=1, planar_configuration=0, j2k_cr=[quality.j2k_ratio()],
-        use_mct=native.PhotometricInterpretation == "RGB",  # irreversible transform: YBR_ICT
+        # pydicom applies the colour transform only when told the input is YBR_ICT;
+        # OpenJPEG counts the ratio against Bits Stored, the promise is per stored byte.
+        photometric_interpretation=("YBR_ICT" if native.PhotometricInterpretation == "RGB"
+                                    else str(native.PhotometricInterpretation)),
+        number_of_frames=1, planar_configuration=0,
+        j2k_cr=[quality.j2k_ratio() * int(native.BitsStored) / int(native.BitsAllocated)],
+        use_mct=True,
     )
 
 

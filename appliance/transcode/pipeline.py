@@ -114,14 +114,14 @@ class Converter:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(path)
-        if str(ds.file_meta.TransferSyntaxUID) == target:
+        stored = str(ds.file_meta.TransferSyntaxUID)
+        if stored == target:
             return "done", "already in that syntax"
         derived_uid = generate_uid(entropy_srcs=[uid, target, str(self.quality.level)])
         try:
-            result = convert(ds, target, self.quality, derived_uid=derived_uid)
+            result = convert(ds, target, self.quality, derived_uid=derived_uid, in_place=True)
         except CannotConvert as exc:
-            log.info("%s stays as received (%s): %s", uid, name_of(str(ds.file_meta.TransferSyntaxUID)),
-                     exc)
+            log.info("%s stays as received (%s): %s", uid, name_of(stored), exc)
             self.kept += 1
             return "kept", str(exc)
         received = dt.datetime.fromisoformat(row["received_at"])
