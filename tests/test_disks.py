@@ -248,3 +248,30 @@ def test_disk_unmounted_mid_copy_records_nothing_false(gateway: Path, usb, tmp_p
         assert _sha(b / "gateway" / relative) == sha
     run_cli(gateway, "disks", "copy")
     assert {r["instances"] for r in _status(gateway)} == {40}
+
+
+def test_copy_window() -> None:
+    from appliance.disks.window import in_window, parse_window
+
+    evening = dt.datetime(2026, 11, 23, 20, 30)
+    morning = dt.datetime(2026, 11, 24, 7, 0)
+    assert in_window("19:00-23:59", evening) and not in_window("19:00-23:59", morning)
+    assert in_window("22:00-06:00", dt.datetime(2026, 11, 24, 2, 0)), "a window may wrap midnight"
+    assert not in_window("22:00-06:00", dt.datetime(2026, 11, 24, 12, 0))
+    assert in_window("always", morning) and parse_window("ALWAYS") is None
+    with pytest.raises(ValueError, match="HH:MM-HH:MM"):
+        parse_window("7pm-midnight")
+
+
+def test_nearly_full_internal_disk_raises_an_alert(tmp_path: Path, usb) -> None:
+    internal = usb("INTERNAL", mb=20)
+    path = write_config(tmp_path / "i.toml", {"data_dir": str(internal / "data"), "min_free_mb": 0})
+    with open(path, "a") as fp:
+        fp.write('\n[disks]\ncopy_window = "always"\n')
+    _import(path, tmp_path, 3)
+    with open(internal / "filler", "wb") as fp:  # leave under 10 % free
+        fp.truncate(0)
+        total, free = shutil.disk_usage(internal).total, shutil.disk_usage(internal).free
+        fp.write(b"\0" * int(free - 0.05 * total))
+    text = run_cli(path, "disks", "status").stdout
+    assert "internal disk nearly full" in text and "3 image(s) lack two verified external copies" in text

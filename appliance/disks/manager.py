@@ -32,6 +32,7 @@ log = logging.getLogger("appliance.disks")
 IDENTITY_FILE = ".gateway-disk.json"
 ROOT = "gateway"  # everything the appliance writes on a disk lives under this folder
 ROLES = ("primary", "mirror", "spare")
+INTERNAL_ALERT_FRACTION = 0.10  # below 10 % free the internal disk raises an alert
 
 
 class DiskError(Exception):
@@ -352,6 +353,15 @@ class DiskManager:
         return rows
 
     def warnings(self) -> Iterator[str]:
+        total, free = capacity(self.archive.data_dir)
+        if free < INTERNAL_ALERT_FRACTION * total:
+            held = self.index.connection().execute(
+                "SELECT COUNT(*) FROM instances i WHERE i.spool_purged_at = '' AND "
+                "(SELECT COUNT(DISTINCT disk_uuid) FROM disk_copies c "
+                " WHERE c.sop_instance_uid = i.sop_instance_uid) < 2").fetchone()[0]
+            yield (f"internal disk nearly full ({free / 1e9:.1f} GB free of {total / 1e9:.1f} GB); "
+                   f"{held} image(s) lack two verified external copies and cannot leave it: "
+                   "check the external disks and the copy window")
         pairs = self.pairs()
         active = self.active_pair()
         if pairs and active is None:
