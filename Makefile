@@ -46,6 +46,8 @@ test: lint $(DEB_TEST_STAMP)
 bench: $(STAMP) $(DEB_TEST_STAMP)
 	$(BIN)/python bench/receive.py
 	$(BIN)/python bench/codecs.py
+	$(BIN)/python bench/forward.py
+	$(BIN)/python bench/disks.py
 
 clean:
 	rm -rf $(VENV) $(DEB_STAMP) $(DEB_TEST_STAMP) .pytest_cache
