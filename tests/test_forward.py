@@ -309,3 +309,21 @@ def test_parallel_associations_stay_within_the_bound(make_appliance, tmp_path: P
         forwarder.stop()
         scp.stop()
     assert 1 <= peak[0] <= 2, f"{peak[0]} associations at once; the destination allows 2"
+
+
+def test_damaged_archive_file_fails_alone(make_appliance, tmp_path: Path) -> None:
+    files = synthetic_ct(tmp_path / "ct", 6, size=64)
+    scp = RefusingSCP(refuse_uid="none")
+    gateway = _gateway(make_appliance, _destination("picky", "PICKY", scp.port), forward="max_attempts = 2")
+    assert storescu(gateway.port, files).returncode == 0
+    damaged = gateway.find()[2]
+    Path(damaged["path"]).write_bytes(b"not dicom any more")
+    forwarder = Forwarder(gateway)
+    try:
+        failed = _wait(lambda: _jobs(gateway, "--state", "failed"), 30, "the damaged job to fail")
+        assert [j["sop_instance_uid"] for j in failed] == [damaged["sop_instance_uid"]]
+        assert "unreadable archive file" in failed[0]["last_status"]
+        _wait(lambda: len(scp.received) == 5, 30, "the other five")
+    finally:
+        forwarder.stop()
+        scp.stop()

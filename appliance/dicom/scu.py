@@ -106,7 +106,19 @@ class StoreSender:
         return contexts
 
     def send(self, paths: Sequence[Path], destination: Destination) -> list[SendResult]:
-        datasets = [_read(p) for p in paths]
+        unreadable: dict[int, str] = {}
+        readable: list[tuple[int, Path, Dataset]] = []
+        for n, path in enumerate(paths):  # one bad archive file must not hold up its batch
+            try:
+                readable.append((n, path, _read(path)))
+            except Exception as exc:  # pydicom raises many types for a damaged file
+                unreadable[n] = f"unreadable archive file {path}: {exc}"[:200]
+        results: list[SendResult | None] = [None] * len(paths)
+        for n, detail in unreadable.items():
+            results[n] = SendResult(paths[n], "", "", None, detail)
+        if not readable:
+            return [r for r in results if r is not None]
+        datasets = [ds for _n, _p, ds in readable]
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
         for sop_class, syntax in self.plan(datasets, destination.accepts):
@@ -119,8 +131,9 @@ class StoreSender:
                 "was not established (rejected, aborted or unreachable)"
             )
         try:
-            return [self._send_one(assoc, path, ds, destination) for path, ds in zip(paths, datasets,
-                                                                                    strict=True)]
+            for n, path, ds in readable:
+                results[n] = self._send_one(assoc, path, ds, destination)
+            return [r for r in results if r is not None]
         finally:
             if assoc.is_established:
                 assoc.release()

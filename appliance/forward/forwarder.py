@@ -118,6 +118,12 @@ class DestinationWorker(threading.Thread):
             self.queue.release(present, str(exc))
             self._unreachable(state, str(exc))
             return
+        except Exception as exc:  # not the network: a batch we cannot send at all
+            log.exception("%s: cannot send a batch of %d", self.destination.name, len(present))
+            for job in present:  # retried with backoff, then failed and visible in the queue
+                self.queue.refused(job, f"cannot send: {exc}"[:200], self.forward.max_attempts,
+                                   self.forward.first_backoff_seconds, self.forward.max_backoff_seconds)
+            return
         lost: list[Job] = []
         for job, result in zip(present, results, strict=True):
             if result.status in SUCCESS_STATUSES:
