@@ -18,6 +18,10 @@ clinic feels how long that takes. So the same synthetic CT files (512x512,
              forwarder stopped), then `appliance forward` started: the
              forwarder's own rate with nothing else on the CPUs, i.e. how
              fast a backlog empties after a PACS outage.
+    single   --single images (20), each on its own storescu association once
+             the previous one arrived, after a random 0-0.5 s pause: the
+             latency a modality sending now and then sees at an idle gateway
+             (the burst's latency is mostly queueing).
 
 The ratio printed is forward end-to-end images/s / direct images/s.
 
