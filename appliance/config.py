@@ -232,7 +232,18 @@ class DisksSettings:
     copy_window: str = _checked("19:00-23:59", check_window, '"HH:MM-HH:MM" or "always"')
     spool_days: int = _checked(30, check_positive, "days an image stays on the internal disk")
     min_free_gb: float = _checked(2.0, check_not_negative, "rotate to the next pair below this")
-    pause_ms: float = _checked(5.0, check_not_negative, "pause between copied files (throttle)")
+    pause_ms: float = _checked(5.0, check_not_negative,
+                               "pause between copied files while images are arriving")
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """[web]: the front-panel status page, its JSON (/api/status) and /metrics."""
+
+    enabled: bool = _checked(True, None, "false: no status page (the other services do not need it)")
+    port: int = _checked(8080, check_port, "TCP port of the status page")
+    bind_address: str = _checked("0.0.0.0", None, "address the status page listens on")
+    refresh_seconds: int = _checked(10, check_positive, "how often the page reloads itself")
 
 
 @dataclass(frozen=True)
@@ -244,6 +255,7 @@ class Settings:
     forward: ForwardSettings = field(default_factory=ForwardSettings)
     destinations: tuple[DestinationSettings, ...] = ()
     disks: DisksSettings = field(default_factory=lambda: DisksSettings(enabled=False))
+    web: WebSettings = field(default_factory=WebSettings)
     source: str = "embedded defaults"
 
     @property
@@ -252,7 +264,7 @@ class Settings:
 
 
 SECTIONS: dict[str, type] = {"node": NodeSettings, "storage": StorageSettings,
-                             "forward": ForwardSettings, "disks": DisksSettings}
+                             "forward": ForwardSettings, "disks": DisksSettings, "web": WebSettings}
 # Sections written [[name]], one table per item: name -> (Settings attribute, class).
 LIST_SECTIONS: dict[str, tuple[str, type]] = {"destination": ("destinations", DestinationSettings)}
 

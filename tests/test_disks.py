@@ -227,11 +227,12 @@ def test_disk_unmounted_mid_copy_records_nothing_false(gateway: Path, usb, tmp_p
     _import(gateway, tmp_path, 40)
     settings = config.load(gateway)
     slow = settings.disks.__class__(**{**settings.disks.__dict__, "pause_ms": 50.0})
-    manager = DiskManager(open_archive(settings), slow)
+    manager = DiskManager(open_archive(settings), slow, batch_files=5)
+    manager.receiving = lambda: True  # as if images were arriving: 50 ms between files
     worker = threading.Thread(target=manager.copy_round)
     worker.start()
     deadline = time.monotonic() + 30
-    while len(list(b.rglob("*.dcm"))) < 5:  # the mirror's turn has begun
+    while len(list(b.rglob("*.dcm"))) < 12:  # two batches of five verified, the third under way
         assert time.monotonic() < deadline and worker.is_alive(), "the copy never reached GW_B"
         time.sleep(0.02)
     assert _run("umount", "-l", str(b)).returncode == 0  # pulled out mid-copy
@@ -244,6 +245,7 @@ def test_disk_unmounted_mid_copy_records_nothing_false(gateway: Path, usb, tmp_p
         "SELECT c.path, c.sha256 FROM disk_copies c JOIN disks d ON d.uuid = c.disk_uuid "
         "WHERE d.label = 'GW_B'").fetchall()
     assert 0 < len(recorded) < 40, "the unplug landed mid-copy"
+    assert len(recorded) % 5 == 0, "a batch is recorded whole once verified, or not at all"
     for relative, sha in recorded:  # every recorded copy is really on the disk, intact
         assert _sha(b / "gateway" / relative) == sha
     run_cli(gateway, "disks", "copy")
@@ -275,3 +277,4 @@ def test_nearly_full_internal_disk_raises_an_alert(tmp_path: Path, usb) -> None:
         fp.write(b"\0" * int(free - 0.05 * total))
     text = run_cli(path, "disks", "status").stdout
     assert "internal disk nearly full" in text and "3 image(s) lack two verified external copies" in text
+

@@ -16,8 +16,8 @@ import json
 import logging
 import os
 import shutil
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,17 @@ from typing import Any
 from appliance.archive import durable
 from appliance.archive.ingest import Archive, now_local
 from appliance.config import DisksSettings
+from appliance.disks.copier import (
+    BLOCK,
+    BatchOutcome,
+    CopyItem,
+    clear_leftovers,
+    copy_batch,
+    verify_batch,
+    write_batch,
+)
 from appliance.disks.devices import Filesystem, capacity, mounted
+from appliance.disks.throttle import ArrivalWatch
 
 log = logging.getLogger("appliance.disks")
 
@@ -33,6 +43,7 @@ IDENTITY_FILE = ".gateway-disk.json"
 ROOT = "gateway"  # everything the appliance writes on a disk lives under this folder
 ROLES = ("primary", "mirror", "spare")
 INTERNAL_ALERT_FRACTION = 0.10  # below 10 % free the internal disk raises an alert
+FILLING_FRACTION = 0.25  # the last pair below 25 % free: time to order new disks
 
 
 class DiskError(Exception):
@@ -69,10 +80,12 @@ def _sha256(path: Path, from_disk: bool = False) -> str:
 
 
 class DiskManager:
-    def __init__(self, archive: Archive, settings: DisksSettings) -> None:
+    def __init__(self, archive: Archive, settings: DisksSettings, batch_files: int = 200) -> None:
         self.archive = archive
         self.settings = settings
         self.index = archive.index
+        self.batch_files = batch_files  # images written between two flushes of a disk
+        self.receiving: Callable[[], bool] = ArrivalWatch(archive.index)  # slows copying when True
 
     # --- which disks ---------------------------------------------------------------------
 
@@ -142,48 +155,97 @@ class DiskManager:
 
     # --- copying -----------------------------------------------------------------------------
 
-    def _missing(self, disk: Disk, limit: int) -> list[tuple[str, str, str]]:
+    def _missing(self, disk: Disk, limit: int, after: int = 0) -> list[tuple[int, str, str, str, int]]:
         """Spool images this disk lacks, unless another pair already holds them (rotation)."""
         return self.index.connection().execute(
-            """SELECT i.sop_instance_uid, i.path, i.sha256 FROM instances i
-               WHERE i.spool_purged_at = ''
+            """SELECT i.id, i.sop_instance_uid, i.path, i.sha256, i.size FROM instances i
+               WHERE i.spool_purged_at = '' AND i.id > ?
                  AND NOT EXISTS (SELECT 1 FROM disk_copies c WHERE c.sop_instance_uid = i.sop_instance_uid
                                    AND c.disk_uuid = ?)
                  AND NOT EXISTS (SELECT 1 FROM disk_copies c JOIN disks d ON d.uuid = c.disk_uuid
                                    WHERE c.sop_instance_uid = i.sop_instance_uid AND d.pair != ?)
                ORDER BY i.id LIMIT ?""",
-            (disk.uuid, disk.pair, limit),
+            (after, disk.uuid, disk.pair, limit),
         ).fetchall()
 
-    def copy_round(self, limit: int = 200) -> int:
-        """Copy up to `limit` images to each mounted disk of the active pair; return copies made."""
+    def copy_round(self, limit: int = 200, stop: Callable[[], bool] = lambda: False) -> int:
+        """Copy up to `limit` images to each mounted disk of the active pair; return copies made.
+
+        Both disks of the pair are filled at once, one thread each: they are
+        separate devices, and a USB disk mostly waits.
+        """
         active = self.active_pair()
         if active is None:
             return 0
-        _pair, disks = active
+        present = [d for d in active[1] if d.mounted]
+        if len(present) == 1:
+            return self._fill(present[0], limit, stop)
+        with ThreadPoolExecutor(len(present), thread_name_prefix="copy") as pool:
+            return sum(pool.map(lambda disk: self._fill(disk, limit, stop), present))
+
+    def _pause(self) -> float:
+        return self.settings.pause_ms / 1000 if self.settings.pause_ms and self.receiving() else 0.0
+
+    def _fill(self, disk: Disk, limit: int, stop: Callable[[], bool]) -> int:
+        """Copy batches to one disk until it lacks nothing, is full, fails or `limit` is reached.
+
+        A batch is read back (verified) while the next one is being written:
+        the disk reads and writes at once instead of taking turns.
+        """
         floor = self.settings.min_free_gb * 1e9
-        made = 0
-        for disk in disks:
-            if not disk.mounted:
-                continue
-            for uid, relative, sha in self._missing(disk, limit):
-                if capacity(disk.filesystem.mountpoint)[1] < floor:
-                    log.warning("%s is below [disks] min_free_gb: rotating to the next pair", disk.label)
-                    break
-                try:
-                    self.copy_one(disk, uid, relative, sha)
-                    made += 1
-                except OSError as exc:
-                    log.error("copy of %s to %s failed: %s; the pair is degraded until it returns",
-                              uid, disk.label, exc)
-                    break
-                if self.settings.pause_ms:
-                    time.sleep(self.settings.pause_ms / 1000)
+        made, queued, cursor = 0, 0, 0
+        with ThreadPoolExecutor(1, thread_name_prefix=f"verify-{disk.label}") as verifier:
+            pending: Future[BatchOutcome] | None = None
+            try:
+                clear_leftovers(disk)
+                while queued < limit and not stop():
+                    rows = self._missing(disk, min(self.batch_files, limit - queued), after=cursor)
+                    if not rows:
+                        break
+                    cursor = rows[-1][0]
+                    free = capacity(disk.filesystem.mountpoint)[1]
+                    batch: list[CopyItem] = []
+                    for _id, uid, relative, sha, size in rows:  # free space checked before each file
+                        if free < floor or free < size + BLOCK:
+                            break
+                        free -= size + BLOCK
+                        batch.append(CopyItem(uid, self.archive.data_dir / relative, relative, sha, size))
+                    written, outcome = write_batch(disk, batch, self._pause, stop)
+                    queued += len(batch)
+                    if pending is not None:
+                        made += self._settle(disk, pending.result())
+                    pending = verifier.submit(verify_batch, disk, written, outcome)
+                    if outcome.stopped and not outcome.full:
+                        break
+                    if len(batch) < len(rows) or outcome.full:
+                        log.warning("%s is below [disks] min_free_gb: rotating to the next pair", disk.label)
+                        break
+            except OSError as exc:
+                log.error("copying to %s stopped: %s; the pair is degraded until it returns", disk.label, exc)
+            finally:
+                if pending is not None:
+                    made += self._settle(disk, pending.result())
         return made
 
-    def copy_one(self, disk: Disk, uid: str, relative: str, sha: str) -> None:
-        """Copy, fsync, rename, read back, compare, then record: a copy counts only when verified."""
-        self._copy_from(self.archive.data_dir / relative, disk, uid, relative, sha)
+    def _settle(self, disk: Disk, outcome: BatchOutcome) -> int:
+        """Record a verified batch and say what went wrong with the rest."""
+        self._record(disk, outcome.verified)
+        for item, reason in outcome.failed:
+            log.error("copy of %s to %s failed: %s", item.uid, disk.label, reason)
+        if outcome.stopped and not outcome.full:
+            log.error("copying to %s stopped: %s; the pair is degraded until it returns",
+                      disk.label, outcome.stopped)
+        return len(outcome.verified)
+
+    def _record(self, disk: Disk, verified: list[CopyItem]) -> None:
+        if not verified:
+            return
+        stamp = now_local().isoformat(timespec="seconds")
+        with self.index.transaction() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO disk_copies (sop_instance_uid, disk_uuid, path, sha256, verified_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(item.uid, disk.uuid, item.relative, item.sha256, stamp) for item in verified])
 
     # --- retention ----------------------------------------------------------------------------
 
@@ -272,15 +334,23 @@ class DiskManager:
         new = self.adopt(new_label, role, source.pair)
         tally = {"copied": 0, "failed": 0}
         rows = self.index.connection().execute(
-            "SELECT sop_instance_uid, path, sha256 FROM disk_copies WHERE disk_uuid = ?",
-            (source.uuid,)).fetchall()
-        for uid, relative, sha in rows:
-            try:
-                self._copy_from(source.root / relative, new, uid, relative, sha)
-                tally["copied"] += 1
-            except OSError as exc:
-                log.error("rebuild: %s could not be copied to %s: %s", uid, new.label, exc)
-                tally["failed"] += 1
+            """SELECT c.sop_instance_uid, c.path, c.sha256, COALESCE(i.size, 0) FROM disk_copies c
+               LEFT JOIN instances i ON i.sop_instance_uid = c.sop_instance_uid
+               WHERE c.disk_uuid = ? ORDER BY c.path""", (source.uuid,)).fetchall()
+        items = [CopyItem(uid, source.root / relative, relative, sha, size)
+                 for uid, relative, sha, size in rows]
+        for start in range(0, len(items), self.batch_files):
+            batch = items[start:start + self.batch_files]
+            outcome = copy_batch(new, batch)
+            self._record(new, outcome.verified)
+            tally["copied"] += len(outcome.verified)
+            tally["failed"] += len(batch) - len(outcome.verified)
+            for item, reason in outcome.failed:
+                log.error("rebuild: %s could not be copied to %s: %s", item.uid, new.label, reason)
+            if outcome.stopped:
+                log.error("rebuild of %s stopped: %s", new.label, outcome.stopped)
+                tally["failed"] += len(items) - start - len(batch)
+                break
         if not tally["failed"]:
             with self.index.transaction() as conn:
                 for old in replaced:
@@ -290,40 +360,6 @@ class DiskManager:
         log.warning("rebuilt %s from %s: %d copied, %d failed", new.label, source.label,
                     tally["copied"], tally["failed"])
         return tally
-
-    def _still_there(self, disk: Disk, path: Path) -> None:
-        """A disk unplugged (or lazily unmounted) leaves its mount point as an empty
-        folder of the internal disk: a write there must never count as a copy."""
-        try:
-            here = os.stat(path).st_dev
-        except FileNotFoundError:
-            here = os.stat(disk.filesystem.mountpoint).st_dev
-        if here != disk.device_id:
-            raise OSError(f"{disk.label} is no longer mounted at {disk.filesystem.mountpoint}")
-
-    def _copy_from(self, source: Path, disk: Disk, uid: str, relative: str, sha: str) -> None:
-        """Copy an external file to `disk`, verified the same way as a copy from the spool."""
-        target = disk.root / relative
-        temp = disk.root / "tmp" / f"{os.getpid()}-{uid[-40:]}.part"
-        self._still_there(disk, disk.filesystem.mountpoint)
-        durable.make_dirs_durable(temp.parent)
-        with open(source, "rb") as src, open(temp, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-            dst.flush()
-            os.fsync(dst.fileno())
-        durable.move_durable(temp, target, sync_source_dir=False)
-        try:
-            self._still_there(disk, target)
-        except OSError:
-            target.unlink(missing_ok=True)  # written on the internal disk's empty mount point
-            raise
-        if _sha256(target, from_disk=True) != sha:
-            target.unlink(missing_ok=True)
-            raise OSError(f"copy of {uid} on {disk.label} does not match its sha256")
-        with self.index.transaction() as conn:
-            conn.execute("INSERT OR REPLACE INTO disk_copies (sop_instance_uid, disk_uuid, path, sha256, "
-                         "verified_at) VALUES (?, ?, ?, ?, ?)",
-                         (uid, disk.uuid, relative, sha, now_local().isoformat(timespec="seconds")))
 
     # --- status ---------------------------------------------------------------------------------
 
@@ -352,6 +388,16 @@ class DiskManager:
             rows.append(entry)
         return rows
 
+    @staticmethod
+    def _filling(disks: list[Disk]) -> bool:
+        """A pair is filling when a disk of it has less than a quarter of its space left."""
+        for disk in disks:
+            if disk.mounted:
+                total, free = capacity(disk.filesystem.mountpoint)
+                if free < FILLING_FRACTION * total:
+                    return True
+        return False
+
     def warnings(self) -> Iterator[str]:
         total, free = capacity(self.archive.data_dir)
         if free < INTERNAL_ALERT_FRACTION * total:
@@ -366,8 +412,13 @@ class DiskManager:
         active = self.active_pair()
         if pairs and active is None:
             yield "every disk pair is full or absent: images stay on the internal disk; add disks"
-        elif active is not None and active[0] == max(pairs):
-            yield f"pair {active[0]} is the last one: adopt new disks before it fills"
+        elif active is not None:
+            behind = [str(p) for p in sorted(pairs) if p < active[0]]
+            if behind:
+                yield (f"pair {', '.join(behind)} full or absent: copies now go to pair {active[0]}; "
+                       "keep the full disks, they hold their dates")
+            if active[0] == max(pairs) and (behind or self._filling(active[1])):
+                yield f"pair {active[0]} is the last one: adopt new disks before it fills"
         for pair, disks in sorted(pairs.items()):
             if len(disks) < 2 or not all(d.mounted for d in disks):
                 yield f"pair {pair} is degraded: " + ", ".join(
