@@ -4,6 +4,8 @@
     appliance dicom               the DICOM receiver alone (what its systemd unit runs)
     appliance convert             the store-format converter alone ([storage] format)
     appliance forward             the forwarder alone ([[destination]] sections)
+    appliance disks [ACTION]      the disk service alone, or status|adopt|copy|verify|rebuild|rescan
+    appliance web                 the status page, /api/status and /metrics alone ([web])
     appliance queue [...]         the forward queue: list, retry, pause, resume
     appliance send --to NAME ...  queue a study or a patient for a destination again
     appliance status [--json]     what is running, images today, disk space
@@ -43,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("dicom", help="run the DICOM receiver (Verification + Storage SCP)")
     commands.add_parser("convert", help="run the store-format converter ([storage] format)")
     commands.add_parser("forward", help="run the forwarder ([[destination]] sections)")
+    commands.add_parser("web", help="run the status page, /api/status and /metrics ([web])")
 
     status = commands.add_parser("status", help="what is running, images today, disk space")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -123,7 +126,7 @@ def _command_logging(quiet: bool) -> None:
 
 
 def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
-    if args.command not in ("run", "dicom", "convert", "forward") and not (
+    if args.command not in ("run", "dicom", "convert", "forward", "web") and not (
             args.command == "disks" and not args.action):
         _command_logging(quiet=getattr(args, "json", False))
     if args.command == "run":

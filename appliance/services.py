@@ -45,6 +45,12 @@ def _disks_main(settings: Settings) -> int:
     return run(settings)
 
 
+def _web_main(settings: Settings) -> int:
+    from appliance.web.server import run
+
+    return run(settings)
+
+
 SERVICES: dict[str, ServiceSpec] = {
     "dicom": ServiceSpec(
         "dicom", "Verification and Storage SCP into the archive", lambda s: True, _dicom_main
@@ -60,6 +66,10 @@ SERVICES: dict[str, ServiceSpec] = {
     "disks": ServiceSpec(
         "disks", "copies to the external disk pairs, verifies, frees the spool",
         lambda s: s.disks.enabled, _disks_main,
+    ),
+    "web": ServiceSpec(
+        "web", "the front-panel status page, /api/status and /metrics",
+        lambda s: s.web.enabled, _web_main,
     ),
 }
 

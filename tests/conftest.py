@@ -46,8 +46,11 @@ def dcmtk_env() -> dict[str, str]:
     return env
 
 
-def write_config(path: Path, node: dict[str, object]) -> Path:
-    lines = ["[node]"]
+def write_config(path: Path, node: dict[str, object], web_port: int | None = None) -> Path:
+    """A [node] section from `node`; the status page off unless `web_port` is given
+    (tests run many gateways at once, and `appliance status` counts a stopped page)."""
+    lines = ["[web]", f"port = {web_port}\nbind_address = \"127.0.0.1\"" if web_port else "enabled = false",
+             "[node]"]
     for key, value in node.items():
         if isinstance(value, str | Path):
             lines.append(f'{key} = "{value}"')

@@ -278,3 +278,47 @@ def test_nearly_full_internal_disk_raises_an_alert(tmp_path: Path, usb) -> None:
     text = run_cli(path, "disks", "status").stdout
     assert "internal disk nearly full" in text and "3 image(s) lack two verified external copies" in text
 
+
+def test_status_page_shows_capacity_rotation_and_asks_for_new_disks(usb, tmp_path: Path) -> None:
+    import signal
+    import sys
+
+    from tests.conftest import REPO, free_port
+    from tests.web_helpers import browse, visible_text, web_service
+
+    port = free_port()
+    path = write_config(tmp_path / "web.toml", {"data_dir": str(tmp_path / "data"), "min_free_mb": 1},
+                        web_port=port)
+    with open(path, "a") as fp:
+        fp.write('\n[disks]\ncopy_window = "always"\nmin_free_gb = 0.005\npause_ms = 0\n')
+    for label, role, mb in (("P1_A", "primary", 8), ("P1_B", "mirror", 8), ("P2_A", "primary", 12),
+                            ("P2_B", "mirror", 12)):
+        usb(label, mb=mb)
+        run_cli(path, "disks", "adopt", label, "--role", role)
+    _import(path, tmp_path, 30, size=256)
+    service = subprocess.Popen([sys.executable, "-m", "appliance", "--config", str(path), "disks"],
+                               cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        state = tmp_path / "data" / "run" / "disks.json"
+        deadline = time.monotonic() + 60
+        while True:  # the service fills pair 1, rotates, and publishes what it did
+            published = json.loads(state.read_text()) if state.exists() else {}
+            disks = {d["label"]: d for d in published.get("disks", [])}
+            if disks and disks["P1_A"]["instances"] + disks["P2_A"]["instances"] == 30:
+                break
+            assert time.monotonic() < deadline and service.poll() is None, published
+            time.sleep(0.2)
+        with web_service(path, port, tmp_path / "web.log"):
+            dom = browse(port)
+        page = visible_text(dom)
+    finally:
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(60) == 0, service.stderr.read()
+    assert "Needs attention" in page
+    assert "pair 1 full or absent: copies now go to pair 2" in page
+    assert "pair 2 is the last one: adopt new disks before it fills" in page
+    for label in ("P1_A", "P1_B", "P2_A", "P2_B"):
+        assert f'data-label="{label}"' in dom
+    row = visible_text(dom.split('data-label="P2_A"', 1)[1].split("</tr>", 1)[0])
+    assert "primary, pair 2 active" in row and "MB free of" in row, row
+    assert f"{disks['P2_A']['instances']} " in row

@@ -1,0 +1,1 @@
+"""The front-panel status page, its JSON API and /metrics (`appliance web`)."""
