@@ -327,3 +327,24 @@ def test_damaged_archive_file_fails_alone(make_appliance, tmp_path: Path) -> Non
     finally:
         forwarder.stop()
         scp.stop()
+
+
+def test_connect_count_survives_parallel_workers(tmp_path: Path) -> None:
+    """Each worker of a destination counts its associations; none may be lost to a race."""
+    from appliance.archive.index import Index
+    from appliance.forward.queue import ForwardQueue
+
+    queue = ForwardQueue(Index(tmp_path / "index.sqlite"))
+
+    def connect_many() -> None:
+        for _ in range(100):
+            queue.count_connect("pacs")
+
+    workers = [threading.Thread(target=connect_many) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    connects = sqlite3.connect(tmp_path / "index.sqlite").execute(
+        "SELECT connects FROM destination_state WHERE name = 'pacs'").fetchone()[0]
+    assert connects == 300

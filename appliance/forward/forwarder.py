@@ -110,8 +110,7 @@ class DestinationWorker(threading.Thread):
         if not present:
             return
         paths = [self.data_dir / job.path for job in present]
-        self.queue.set_destination(self.destination.name,
-                                   connects=state["connects"] + 1)
+        self.queue.count_connect(self.destination.name)
         try:
             results = self.sender.send(paths, self.target)
         except (ConnectionError, OSError, RuntimeError) as exc:

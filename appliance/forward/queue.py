@@ -119,6 +119,12 @@ class ForwardQueue:
             conn.execute(f"UPDATE destination_state SET {assignments} WHERE name = ?",
                          (*values.values(), name))
 
+    def count_connect(self, name: str) -> None:
+        """One more association opened: incremented in SQL, so parallel workers never lose one."""
+        with self.index.transaction() as conn:
+            conn.execute("INSERT OR IGNORE INTO destination_state (name) VALUES (?)", (name,))
+            conn.execute("UPDATE destination_state SET connects = connects + 1 WHERE name = ?", (name,))
+
     # --- field-engineer commands --------------------------------------------------------
 
     def retry(self, job_ids: list[int] | None) -> int:
