@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -219,3 +220,48 @@ def synthetic_ct(directory: Path, count: int, size: int = 128, patient_id: str =
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def _quiet_run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def loop_disks(tmp_path: Path) -> Iterator:
+    """loop_disks(name, mb, label="") -> mount point of a fresh ext4 file system on a loop device.
+
+    The real thing for "disk full", "USB disk unplugged" (umount -l) and "blank
+    replacement disk"; needs root (the tests run as root in CI), skips otherwise.
+    Everything is unmounted and detached at the end, lazily if still busy.
+    """
+    made: list[tuple[Path, Path]] = []
+
+    def make(name: str, mb: int = 40, label: str = "") -> Path:
+        if shutil.which("mkfs.ext4") is None:
+            pytest.skip("mkfs.ext4 is not installed (e2fsprogs)")
+        image = tmp_path / f"{name}.img"
+        mount = tmp_path / f"mnt-{name}"
+        mount.mkdir()
+        with open(image, "wb") as fp:
+            fp.truncate(mb * 1024 * 1024)
+        # -m 0: the tests run as root, and root may use the reserved blocks.
+        labelled = ("-L", label) if label else ()
+        created = _quiet_run("mkfs.ext4", "-q", "-m", "0", "-F", *labelled, str(image))
+        assert created.returncode == 0, created.stderr
+        mounted = _quiet_run("mount", "-o", "loop", str(image), str(mount))
+        if mounted.returncode != 0:
+            _quiet_run("modprobe", "loop")
+            mounted = _quiet_run("mount", "-o", "loop", str(image), str(mount))
+        if mounted.returncode != 0:
+            pytest.skip(f"cannot loop-mount an ext4 image here: {mounted.stderr.strip()}")
+        made.append((image, mount))
+        return mount
+
+    yield make
+    for image, mount in made:
+        if _quiet_run("umount", str(mount)).returncode != 0:
+            _quiet_run("umount", "-l", str(mount))
+        for line in _quiet_run("losetup", "-j", str(image)).stdout.splitlines():
+            device = line.split(":", 1)[0]
+            if device.startswith("/dev/loop"):
+                _quiet_run("losetup", "-d", device)

@@ -31,11 +31,9 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -58,38 +56,10 @@ DIMSE_STATUS = re.compile(r"DIMSE Status\s*:\s*0x(?P<code>[0-9a-fA-F]{4})")
 # --- the small disk ------------------------------------------------------------------
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), capture_output=True, text=True, timeout=60)
-
-
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
+def small_disk(loop_disks) -> Path:
     """A 40 MB ext4 file system (no reserved blocks) mounted on a loop device."""
-    image = tmp_path / "disk.img"
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if shutil.which("mkfs.ext4") is None:
-        pytest.skip("mkfs.ext4 is not installed (e2fsprogs)")
-    with open(image, "wb") as fp:
-        fp.truncate(IMAGE_MB * 1024 * 1024)
-    # -m 0: the tests run as root, and root may use the reserved blocks.
-    made = _run("mkfs.ext4", "-q", "-m", "0", "-F", str(image))
-    assert made.returncode == 0, made.stderr
-    mounted = _run("mount", "-o", "loop", str(image), str(mount))
-    if mounted.returncode != 0:
-        _run("modprobe", "loop")
-        mounted = _run("mount", "-o", "loop", str(image), str(mount))
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot loop-mount an ext4 image here: {mounted.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        if _run("umount", str(mount)).returncode != 0:
-            _run("umount", "-l", str(mount))
-        for line in _run("losetup", "-j", str(image)).stdout.splitlines():
-            device = line.split(":", 1)[0]
-            if device.startswith("/dev/loop"):
-                _run("losetup", "-d", device)
+    return loop_disks("disk", IMAGE_MB)
 
 
 def free_bytes(path: Path) -> int:

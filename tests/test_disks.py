@@ -10,7 +10,6 @@ import shutil
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,29 +30,9 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def usb(tmp_path: Path) -> Iterator:
+def usb(loop_disks):
     """usb(label, mb) -> mount point of a fresh ext4 disk with that label."""
-    mounts: list[tuple[Path, Path]] = []
-
-    def make(label: str, mb: int = 40) -> Path:
-        image = tmp_path / f"{label}.img"
-        mount = tmp_path / f"mnt-{label}"
-        mount.mkdir()
-        _run("truncate", "-s", f"{mb}M", str(image))
-        made = _run("mkfs.ext4", "-q", "-m", "0", "-F", "-L", label, str(image))
-        assert made.returncode == 0, made.stderr
-        mounted = _run("mount", "-o", "loop", str(image), str(mount))
-        if mounted.returncode != 0:
-            pytest.skip(f"cannot loop-mount here: {mounted.stderr.strip()}")
-        mounts.append((image, mount))
-        return mount
-
-    yield make
-    for image, mount in mounts:
-        if _run("umount", str(mount)).returncode != 0:
-            _run("umount", "-l", str(mount))
-        for line in _run("losetup", "-j", str(image)).stdout.splitlines():
-            _run("losetup", "-d", line.split(":", 1)[0])
+    return lambda label, mb=40: loop_disks(label, mb, label=label)
 
 
 @pytest.fixture

@@ -30,6 +30,12 @@ from appliance.transcode.convert import Quality
 log = logging.getLogger("appliance.forward")
 
 
+# How often an idle worker looks for new jobs: a read of the index, no lock taken.
+# 0.5 s made a lone image wait 233 ms on average before leaving; 0.1 s costs
+# ten small reads a second per worker (docs/PERFORMANCE.md, forwarding).
+IDLE_POLL_SECONDS = 0.1
+
+
 class DestinationWorker(threading.Thread):
     def __init__(self, destination: DestinationSettings, forward: ForwardSettings, queue: ForwardQueue,
                  data_dir: Path, calling_ae: str, quality: Quality, stopping: threading.Event,
@@ -57,7 +63,7 @@ class DestinationWorker(threading.Thread):
                 busy = False
                 self.stopping.wait(5)
             if not busy:
-                self.stopping.wait(0.5)
+                self.stopping.wait(IDLE_POLL_SECONDS)
 
     def step(self) -> bool:
         """One round: health when needed, else one study. True when work was done."""

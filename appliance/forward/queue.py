@@ -54,6 +54,11 @@ class ForwardQueue:
     def claim_study(self, destination: str, limit: int) -> list[Job]:
         """Mark the ready jobs of one study 'sending' and return them (oldest study first)."""
         now = time.time()
+        ready = self.index.connection().execute(  # a read first: an idle poll takes no write lock
+            "SELECT 1 FROM forward_jobs WHERE destination = ? AND state = 'pending' AND next_attempt_at <= ? "
+            "LIMIT 1", (destination, now)).fetchone()
+        if ready is None:
+            return []
         with self.index.transaction() as conn:
             first = conn.execute(
                 """SELECT COALESCE(st.study_instance_uid, '') FROM forward_jobs j
@@ -109,8 +114,11 @@ class ForwardQueue:
 
     def destination(self, name: str) -> dict[str, Any]:
         conn = self.index.connection()
-        conn.execute("INSERT OR IGNORE INTO destination_state (name) VALUES (?)", (name,))
-        return dict(conn.execute("SELECT * FROM destination_state WHERE name = ?", (name,)).fetchone())
+        row = conn.execute("SELECT * FROM destination_state WHERE name = ?", (name,)).fetchone()
+        if row is None:  # the first time only: a write, so not on every poll
+            conn.execute("INSERT OR IGNORE INTO destination_state (name) VALUES (?)", (name,))
+            row = conn.execute("SELECT * FROM destination_state WHERE name = ?", (name,)).fetchone()
+        return dict(row)
 
     def set_destination(self, name: str, **values: Any) -> None:
         with self.index.transaction() as conn:
