@@ -71,7 +71,11 @@ def collect(settings: Settings) -> dict[str, Any]:
     index_path = data_dir / "index.sqlite"
     today = dt.date.today()
     if index_path.exists():
-        report["archive"] = Index(index_path, create=False).counts(today.isoformat())
+        index = Index(index_path, create=False)
+        try:  # closed at once: the status page calls this on every request, from a new thread
+            report["archive"] = index.counts(today.isoformat())
+        finally:
+            index.close()
     else:
         report["archive"] = {"instances": 0, "bytes": 0, "instances_today": 0, "bytes_today": 0}
     quarantine_today = data_dir / "quarantine" / today.strftime("%Y%m%d")
