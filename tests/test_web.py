@@ -81,3 +81,25 @@ def test_web_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
                                 cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1 port {port}" in result.stderr and "[web] port" in result.stderr
+
+
+def test_page_keeps_no_descriptors_per_request(tmp_path: Path) -> None:
+    """A front panel polled every few seconds for months must not run out of file descriptors."""
+    import os
+
+    port = free_port()
+    config = write_config(tmp_path / "web.toml", {"data_dir": str(tmp_path / "data"),
+                                                   "bind_address": "127.0.0.1"}, web_port=port)
+    from tests.conftest import run_cli
+
+    run_cli(config, "import", str(TEST_FILES / "CT_small.dcm"))
+    with web_service(config, port, tmp_path / "web.log") as proc:
+        def open_index_files() -> int:
+            fds = Path(f"/proc/{proc.pid}/fd")
+            return sum(1 for fd in fds.iterdir() if "index.sqlite" in os.readlink(fd))
+
+        most = 0
+        for n in range(100):
+            assert _get(port, "/api/status" if n % 2 else "/metrics")[0] == 200
+            most = max(most, open_index_files())
+    assert most <= 2, f"{most} index files held open between requests"
