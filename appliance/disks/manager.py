@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -305,12 +304,9 @@ class DiskManager:
                 sources.append(other.root / other_path)
         for source in sources:
             if source.is_file() and _sha256(source) == sha:
-                temp = disk.root / "tmp" / f"{os.getpid()}-repair.part"
-                shutil.copyfile(source, temp)
-                with open(temp, "rb+") as fp:
-                    os.fsync(fp.fileno())
-                durable.move_durable(temp, disk.root / relative, sync_source_dir=False)
-                if _sha256(disk.root / relative) == sha:
+                # the copier's own path: device checks, a flush, a read-back from the disk itself
+                outcome = copy_batch(disk, [CopyItem(uid, source, relative, sha, source.stat().st_size)])
+                if outcome.verified:
                     log.warning("repaired %s on %s from %s", uid, disk.label, source)
                     return True
         log.error("%s on %s is damaged and no good copy is left to repair it from", uid, disk.label)
@@ -342,13 +338,10 @@ class DiskManager:
         for start in range(0, len(items), self.batch_files):
             batch = items[start:start + self.batch_files]
             outcome = copy_batch(new, batch)
-            self._record(new, outcome.verified)
-            tally["copied"] += len(outcome.verified)
-            tally["failed"] += len(batch) - len(outcome.verified)
-            for item, reason in outcome.failed:
-                log.error("rebuild: %s could not be copied to %s: %s", item.uid, new.label, reason)
+            copied = self._settle(new, outcome)
+            tally["copied"] += copied
+            tally["failed"] += len(batch) - copied
             if outcome.stopped:
-                log.error("rebuild of %s stopped: %s", new.label, outcome.stopped)
                 tally["failed"] += len(items) - start - len(batch)
                 break
         if not tally["failed"]:
