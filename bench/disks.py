@@ -601,30 +601,26 @@ def report(runs: list[Run], images: int, image_bytes: int, rounds: int,
     print()
     ratios: dict[str, float] = {}
     per_round: dict[str, list[float]] = {}
+    def ratio(numerator: str, denominator: str, note: str = "") -> None:
+        """numerator/denominator rate of the median runs, and within each round; printed and kept."""
+        if numerator not in chosen or denominator not in chosen:
+            return
+        key = f"{numerator}/{denominator}"
+        ratios[key] = round(chosen[denominator].seconds / chosen[numerator].seconds, 3)
+        per_round[key] = round_ratios(runs, numerator, denominator)
+        rounds = " ".join(f"{v:.2f}" for v in per_round[key])
+        print(f"ratio {key:<22}{ratios[key]:.2f}   (in each round: {rounds}{note})")
+
     if "cp" in chosen:
-        for method in ("appliance", "appliance-pause"):
-            if method in chosen:
-                key = f"{method}/cp"
-                ratios[key] = round(chosen["cp"].seconds / chosen[method].seconds, 3)
-                per_round[key] = round_ratios(runs, method, "cp")
-                print(f"ratio {key:<22}{ratios[key]:.2f}   (in each round: "
-                      f"{' '.join(f'{v:.2f}' for v in per_round[key])})")
-        if "cp-readback" in chosen and "appliance" in chosen:
-            key = "appliance/cp-readback"
-            ratios[key] = round(chosen["cp-readback"].seconds / chosen["appliance"].seconds, 3)
-            per_round[key] = round_ratios(runs, "appliance", "cp-readback")
-            print(f"ratio {key:<22}{ratios[key]:.2f}   (in each round: "
-                  f"{' '.join(f'{v:.2f}' for v in per_round[key])})")
+        ratio("appliance", "cp")
+        ratio("appliance-pause", "cp")
+        ratio("appliance", "cp-readback")
+        if "cp-readback" in chosen:
             key = "cp-readback/cp"
             ratios[key] = round(chosen["cp"].seconds / chosen["cp-readback"].seconds, 3)
             print(f"ratio {key:<22}{ratios[key]:.2f}   (what reading every copy back costs a copy script "
                   "on these disks)")
-        if "cp-parallel" in chosen and "appliance" in chosen:
-            key = "appliance/cp-parallel"
-            ratios[key] = round(chosen["cp-parallel"].seconds / chosen["appliance"].seconds, 3)
-            per_round[key] = round_ratios(runs, "appliance", "cp-parallel")
-            print(f"ratio {key:<22}{ratios[key]:.2f}   (in each round: "
-                  f"{' '.join(f'{v:.2f}' for v in per_round[key])}; cp to both disks at once)")
+        ratio("appliance", "cp-parallel", "; cp to both disks at once")
         if "appliance/cp" in ratios:
             verdict = "met" if ratios["appliance/cp"] >= 0.8 else "NOT met"
             print(f"aim (issue 5): appliance/cp >= 0.80 including verification: {verdict}")

@@ -87,7 +87,10 @@ def collect(settings: Settings) -> dict[str, Any]:
     return report
 
 
-def _size(n: float) -> str:
+def size_text(n: float | None) -> str:
+    """Bytes as people read them (decimal units, like disk labels): 1.5 GB."""
+    if n is None:
+        return "-"
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -127,10 +130,10 @@ def render(report: dict[str, Any]) -> str:
     disk = report["disk"]
     lines += [
         "",
-        f"Images today:  {archive['instances_today']} ({_size(archive['bytes_today'])}), "
+        f"Images today:  {archive['instances_today']} ({size_text(archive['bytes_today'])}), "
         f"rejected today: {archive['rejected_today']}",
-        f"Archive:       {archive['instances']} images ({_size(archive['bytes'])})",
-        f"Disk:          {_size(disk['free_bytes'])} free of {_size(disk['total_bytes'])}",
+        f"Archive:       {archive['instances']} images ({size_text(archive['bytes'])})",
+        f"Disk:          {size_text(disk['free_bytes'])} free of {size_text(disk['total_bytes'])}",
     ]
     if disk["free_bytes"] < disk["min_free_bytes"]:
         lines.append("  WARNING: free space is below [node] min_free_mb; new images are refused")

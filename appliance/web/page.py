@@ -13,17 +13,9 @@ import datetime as dt
 from html import escape
 from typing import Any
 
+from appliance.commands.status import size_text
+
 GOOD_STATES = {"running", "disabled"}
-
-
-def _size(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 def _date(value: str) -> str:
@@ -100,7 +92,7 @@ def _disks(report: dict[str, Any]) -> str:
         total, free = d.get("total_bytes"), d.get("free_bytes")
         if total:
             capacity = (f"{_bar(total - free, total, free < 0.1 * total)}"
-                        f"{_size(free)} free of {_size(total)}")
+                        f"{size_text(free)} free of {size_text(total)}")
         else:
             capacity = "-"
         dates = ""
@@ -139,10 +131,10 @@ def render(report: dict[str, Any], refresh_seconds: int = 10, now: dt.datetime |
         banner = '<div class="banner ok" id="state">All is well</div>'
     archive, disk = report["archive"], report["disk"]
     internal = (f"<h2>Internal disk</h2><p>{_bar(disk['used_bytes'], disk['total_bytes'], False)}"
-                f"{_size(disk['free_bytes'])} free of {_size(disk['total_bytes'])}; "
-                f"{archive['instances']} images ({_size(archive['bytes'])}) in the archive</p>")
+                f"{size_text(disk['free_bytes'])} free of {size_text(disk['total_bytes'])}; "
+                f"{archive['instances']} images ({size_text(archive['bytes'])}) in the archive</p>")
     today = (f"<h2>Today</h2><p>{archive['instances_today']} images received "
-             f"({_size(archive['bytes_today'])}), {archive['rejected_today']} rejected</p>")
+             f"({size_text(archive['bytes_today'])}), {archive['rejected_today']} rejected</p>")
     stamp = (now or dt.datetime.now().astimezone()).strftime("%Y-%m-%d %H:%M:%S")
     title = f"Gateway {report['ae_title']}"
     return (
