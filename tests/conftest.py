@@ -47,6 +47,17 @@ def dcmtk_env() -> dict[str, str]:
     return env
 
 
+def wait_for(predicate, timeout: float = 30.0, what: str = "condition", every: float = 0.1):
+    """Poll `predicate` until it returns something true (returned), or fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
 def write_config(path: Path, node: dict[str, object], web_port: int | None = None) -> Path:
     """A [node] section from `node`; the status page off unless `web_port` is given
     (tests run many gateways at once, and `appliance status` counts a stopped page)."""
@@ -231,14 +242,15 @@ def loop_disks(tmp_path: Path) -> Iterator:
     """loop_disks(name, mb, label="") -> mount point of a fresh ext4 file system on a loop device.
 
     The real thing for "disk full", "USB disk unplugged" (umount -l) and "blank
-    replacement disk"; needs root (the tests run as root in CI), skips otherwise.
+    replacement disk". Needs root and loop devices, as `make test` documents: without
+    them the test fails saying so (a developer may deselect them: -m 'not root').
     Everything is unmounted and detached at the end, lazily if still busy.
     """
     made: list[tuple[Path, Path]] = []
 
     def make(name: str, mb: int = 40, label: str = "") -> Path:
-        if shutil.which("mkfs.ext4") is None:
-            pytest.skip("mkfs.ext4 is not installed (e2fsprogs)")
+        assert os.geteuid() == 0, "loop-mounting an ext4 image needs root: run make test as root"
+        assert shutil.which("mkfs.ext4"), "mkfs.ext4 is missing: make test installs e2fsprogs"
         image = tmp_path / f"{name}.img"
         mount = tmp_path / f"mnt-{name}"
         mount.mkdir()
@@ -252,8 +264,7 @@ def loop_disks(tmp_path: Path) -> Iterator:
         if mounted.returncode != 0:
             _quiet_run("modprobe", "loop")
             mounted = _quiet_run("mount", "-o", "loop", str(image), str(mount))
-        if mounted.returncode != 0:
-            pytest.skip(f"cannot loop-mount an ext4 image here: {mounted.stderr.strip()}")
+        assert mounted.returncode == 0, f"cannot loop-mount an ext4 image: {mounted.stderr.strip()}"
         made.append((image, mount))
         return mount
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import shutil
 import sqlite3
 import subprocess
@@ -19,10 +18,7 @@ from appliance.archive import open_archive
 from appliance.disks.manager import DiskManager
 from tests.conftest import run_cli, synthetic_ct, write_config
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="loop-mounting ext4 images needs root"),
-]
+pytestmark = pytest.mark.root  # loop devices: run as root, or deselect with -m 'not root'
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

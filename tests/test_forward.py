@@ -20,7 +20,17 @@ from pydicom import uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
-from tests.conftest import REPO, STORESCP, TEST_FILES, dcmtk_env, echo, free_port, storescu, synthetic_ct
+from tests.conftest import (
+    REPO,
+    STORESCP,
+    TEST_FILES,
+    dcmtk_env,
+    echo,
+    free_port,
+    storescu,
+    synthetic_ct,
+    wait_for,
+)
 
 sys.path.insert(0, str(REPO / "bench"))  # the benchmarks' peer helpers, reused here
 from peers import Orthanc
@@ -70,16 +80,6 @@ def _jobs(gateway, *args: str) -> list[dict]:
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
-def _wait(predicate, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.fixture
 def orthanc(tmp_path: Path):
     peers = []
@@ -113,7 +113,7 @@ def test_orthanc_receives_everything_with_equal_pixels(make_appliance, orthanc, 
     assert storescu(gateway.port, [TEST_FILES / "SC_rgb_rle.dcm"], "-xr").returncode == 0
     forwarder = Forwarder(gateway)
     try:
-        _wait(lambda: pacs.stored_count() == 22, what="22 instances at Orthanc")
+        wait_for(lambda: pacs.stored_count() == 22, 60, "22 instances at Orthanc")
     finally:
         forwarder.stop()
     received = _orthanc_instances(pacs)
@@ -141,14 +141,14 @@ def test_implicit_only_destination_still_gets_every_image(make_appliance, tmp_pa
     scp = subprocess.Popen([STORESCP, "+xi", "-aet", "OLDPACS", "-od", str(out), str(port)], env=dcmtk_env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait(lambda: echo(port, aec="OLDPACS") == 0, 10, "storescp")
+        wait_for(lambda: echo(port, aec="OLDPACS") == 0, 10, "storescp")
         gateway = _gateway(make_appliance, _destination("old", "OLDPACS", port, '["lossless"]'))
         sources = [("MR_small_jp2klossless.dcm", "-xv"), ("SC_rgb_rle.dcm", "-xr"), ("CT_small.dcm", "-xe")]
         for name, option in sources:
             assert storescu(gateway.port, [TEST_FILES / name], option).returncode == 0
         forwarder = Forwarder(gateway)
         try:
-            _wait(lambda: len(list(out.iterdir())) == 3, what="3 files at storescp")
+            wait_for(lambda: len(list(out.iterdir())) == 3, 60, "3 files at storescp")
         finally:
             forwarder.stop()
     finally:
@@ -181,7 +181,7 @@ def test_outage_loses_nothing_and_does_not_hammer(make_appliance, orthanc, tmp_p
         assert "cannot be reached" in forwarder.text()
         assert forwarder.text().count("cannot be reached") == 1, "one ERROR per outage, not per try"
         pacs = orthanc(port)
-        _wait(lambda: pacs.stored_count() == 300, 90, "300 instances after the outage")
+        wait_for(lambda: pacs.stored_count() == 300, 90, "300 instances after the outage")
         jobs = _jobs(gateway)
         assert {j["state"] for j in jobs} == {"done"} and not [j for j in jobs if j["attempts"]]
         assert "reachable again" in forwarder.text()
@@ -196,13 +196,13 @@ def test_kill9_mid_study_loses_nothing(make_appliance, orthanc, tmp_path: Path) 
     files = synthetic_ct(tmp_path / "ct", 400, size=128)
     assert storescu(gateway.port, files).returncode == 0
     forwarder = Forwarder(gateway)
-    _wait(lambda: pacs.stored_count() >= 40, what="the study under way")
+    wait_for(lambda: pacs.stored_count() >= 40, 60, "the study under way")
     forwarder.kill9()
     before = pacs.stored_count()
     assert before < 400, "the kill must land mid-study"
     forwarder.start()
     try:
-        _wait(lambda: pacs.stored_count() == 400, 90, "all 400 after the restart")
+        wait_for(lambda: pacs.stored_count() == 400, 90, "all 400 after the restart")
     finally:
         forwarder.stop()
     jobs = _jobs(gateway)
@@ -245,7 +245,7 @@ def test_refused_object_fails_alone_and_retry_sends_it(make_appliance, tmp_path:
     forwarder = Forwarder(gateway)
     try:
         assert storescu(gateway.port, files).returncode == 0
-        failed = _wait(lambda: _jobs(gateway, "--state", "failed"), 30, "the refused job to fail")
+        failed = wait_for(lambda: _jobs(gateway, "--state", "failed"), 30, "the refused job to fail")
         assert [j["sop_instance_uid"] for j in failed] == [bad]
         assert failed[0]["last_status"] == "0xC123" and failed[0]["attempts"] == 2
         assert len(scp.received) == 4, "the other objects went through"
@@ -254,7 +254,7 @@ def test_refused_object_fails_alone_and_retry_sends_it(make_appliance, tmp_path:
         assert "marked failed" in forwarder.text()
         scp.refusing = False
         assert "1 job(s) queued again" in gateway.cli("queue", "retry", "--all").stdout
-        _wait(lambda: bad in scp.received, 30, "the retried object")
+        wait_for(lambda: bad in scp.received, 30, "the retried object")
         assert {j["state"] for j in _jobs(gateway)} == {"done"}
     finally:
         forwarder.stop()
@@ -271,10 +271,10 @@ def test_pause_resume_and_send_again(make_appliance, orthanc, tmp_path: Path) ->
         time.sleep(2)
         assert pacs.stored_count() == 0 and "paused" in gateway.cli("queue").stdout
         gateway.cli("queue", "resume", "pacs")
-        _wait(lambda: pacs.stored_count() == 1, 30, "the image after resume")
+        wait_for(lambda: pacs.stored_count() == 1, 30, "the image after resume")
         result = gateway.cli("send", "--to", "pacs", "--patient-id", "1CT1")
         assert "1 image(s) queued for pacs" in result.stdout
-        _wait(lambda: _jobs(gateway)[0]["sent_count"] == 2, 30, "the image sent again")
+        wait_for(lambda: _jobs(gateway)[0]["sent_count"] == 2, 30, "the image sent again")
     finally:
         forwarder.stop()
     assert gateway.cli("send", "--to", "nowhere", "--patient-id", "x", check=False).returncode == 2
@@ -304,7 +304,7 @@ def test_parallel_associations_stay_within_the_bound(make_appliance, tmp_path: P
         assert storescu(gateway.port, files).returncode == 0
     forwarder = Forwarder(gateway)
     try:
-        _wait(lambda: len(scp.received) == 30, 60, "30 objects over parallel associations")
+        wait_for(lambda: len(scp.received) == 30, 60, "30 objects over parallel associations")
     finally:
         forwarder.stop()
         scp.stop()
@@ -320,10 +320,10 @@ def test_damaged_archive_file_fails_alone(make_appliance, tmp_path: Path) -> Non
     Path(damaged["path"]).write_bytes(b"not dicom any more")
     forwarder = Forwarder(gateway)
     try:
-        failed = _wait(lambda: _jobs(gateway, "--state", "failed"), 30, "the damaged job to fail")
+        failed = wait_for(lambda: _jobs(gateway, "--state", "failed"), 30, "the damaged job to fail")
         assert [j["sop_instance_uid"] for j in failed] == [damaged["sop_instance_uid"]]
         assert "unreadable archive file" in failed[0]["last_status"]
-        _wait(lambda: len(scp.received) == 5, 30, "the other five")
+        wait_for(lambda: len(scp.received) == 5, 30, "the other five")
     finally:
         forwarder.stop()
         scp.stop()

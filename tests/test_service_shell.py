@@ -14,17 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, STORESCU, echo, free_port, synthetic_ct, write_config
-
-
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.conftest import REPO, STORESCU, echo, free_port, synthetic_ct, wait_for, write_config
 
 
 def test_sd_notify_ready_watchdog_and_stopping(tmp_path: Path) -> None:
@@ -76,7 +66,7 @@ def test_sigterm_finishes_the_association_in_flight(make_appliance, tmp_path: Pa
         env=dict(os.environ, TCP_NODELAY="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     archive = gateway.data_dir / "archive"
-    _wait_for(lambda: sum(1 for _ in archive.rglob("*.dcm")) >= 10, 30, "first images")
+    wait_for(lambda: sum(1 for _ in archive.rglob("*.dcm")) >= 10, 30, "first images")
     gateway.process.send_signal(signal.SIGTERM)
     output, _ = sender.communicate(timeout=120)
     assert gateway.process.wait(timeout=60) == 0
@@ -102,10 +92,10 @@ def test_appliance_run_restarts_a_dead_service_and_stops_all(tmp_path: Path) -> 
     supervisor = subprocess.Popen([sys.executable, "-m", "appliance", "--config", str(config), "run"],
                                   cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: echo(port) == 0, 30, "the DICOM service under appliance run")
-        first = _wait_for(lambda: _state(data_dir).get("pid"), 10, "state file")
+        wait_for(lambda: echo(port) == 0, 30, "the DICOM service under appliance run")
+        first = wait_for(lambda: _state(data_dir).get("pid"), 10, "state file")
         os.kill(first, signal.SIGKILL)
-        _wait_for(lambda: _state(data_dir).get("pid") not in (None, first) and echo(port) == 0, 30,
+        wait_for(lambda: _state(data_dir).get("pid") not in (None, first) and echo(port) == 0, 30,
                   "the restarted DICOM service")
         second = _state(data_dir)["pid"]
         status = json.loads(subprocess.run(

@@ -12,7 +12,7 @@ import numpy as np
 import pydicom
 from pydicom import uid
 
-from tests.conftest import REPO, TEST_FILES, storescu
+from tests.conftest import REPO, TEST_FILES, storescu, wait_for
 
 
 def _append_storage(config: Path, **storage: object) -> None:
@@ -42,16 +42,6 @@ def _gateway(make_appliance, **storage: object):
     return gateway
 
 
-def _wait_for(predicate, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError("timed out")
-
-
 def test_lossless_store_keeps_the_uid_and_every_pixel(make_appliance) -> None:
     gateway = _gateway(make_appliance, format="lossless")
     source = TEST_FILES / "CT_small.dcm"
@@ -60,7 +50,7 @@ def test_lossless_store_keeps_the_uid_and_every_pixel(make_appliance) -> None:
     assert received["transfer_syntax_uid"] == uid.ExplicitVRLittleEndian, "acked as received"
     converter = _Converter(gateway)
     try:
-        row = _wait_for(lambda: [r for r in gateway.find()
+        row = wait_for(lambda: [r for r in gateway.find()
                                  if r["transfer_syntax_uid"] == uid.JPEGLSLossless])[0]
     finally:
         log = converter.stop()
@@ -79,7 +69,7 @@ def test_lossy_store_makes_a_derived_instance_and_a_resend_is_a_duplicate(make_a
     assert storescu(gateway.port, [source]).returncode == 0
     converter = _Converter(gateway)
     try:
-        (row,) = _wait_for(lambda: [r for r in gateway.find()
+        (row,) = wait_for(lambda: [r for r in gateway.find()
                                     if r["transfer_syntax_uid"] == uid.JPEG2000])
     finally:
         converter.stop()
@@ -120,7 +110,7 @@ def test_what_cannot_be_converted_stays_as_received(make_appliance) -> None:
         return row is not None and row[0] == "kept" and "8-bit" in row[1]
 
     try:
-        _wait_for(kept)
+        wait_for(kept)
     finally:
         log = converter.stop()
     (row,) = gateway.find()
@@ -134,7 +124,7 @@ def test_uncompressed_store_decompresses(make_appliance) -> None:
     assert storescu(gateway.port, [source], "-xv").returncode == 0
     converter = _Converter(gateway)
     try:
-        (row,) = _wait_for(lambda: [r for r in gateway.find()
+        (row,) = wait_for(lambda: [r for r in gateway.find()
                                     if r["transfer_syntax_uid"] == uid.ExplicitVRLittleEndian])
     finally:
         converter.stop()
