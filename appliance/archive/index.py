@@ -17,7 +17,7 @@ from typing import Any
 
 from appliance.archive.record import InstanceRecord
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 DISK_TABLES = """
 CREATE TABLE IF NOT EXISTS disks (
@@ -86,12 +86,41 @@ CREATE TABLE IF NOT EXISTS derivations (
 )
 """
 
+# Every name a Patient ID arrived with. The patients row keeps the newest name;
+# this keeps the others, so an earlier name still finds the patient, and two
+# names under one ID (a wrong-patient warning sign) can be shown. Each
+# instance also keeps the name it arrived with.
+PATIENT_NAME_TABLES = """
+CREATE TABLE IF NOT EXISTS patient_names (
+    patient_ref INTEGER NOT NULL REFERENCES patients(id),
+    patient_name TEXT NOT NULL,
+    arrivals INTEGER NOT NULL DEFAULT 0,
+    first_received_at TEXT NOT NULL DEFAULT '',
+    last_received_at TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (patient_ref, patient_name)
+);
+CREATE INDEX IF NOT EXISTS patient_names_name ON patient_names(patient_name)
+"""
+
+PATIENT_NAME_MIGRATION = PATIENT_NAME_TABLES + """;
+ALTER TABLE instances ADD COLUMN patient_name TEXT NOT NULL DEFAULT '';
+UPDATE instances SET patient_name = (
+    SELECT p.patient_name FROM series se JOIN studies st ON st.id = se.study_ref
+    JOIN patients p ON p.id = st.patient_ref WHERE se.id = instances.series_ref);
+INSERT OR IGNORE INTO patient_names (patient_ref, patient_name, arrivals, first_received_at,
+                                     last_received_at)
+    SELECT st.patient_ref, i.patient_name, COUNT(*), MIN(i.received_at), MAX(i.received_at)
+    FROM instances i JOIN series se ON se.id = i.series_ref JOIN studies st ON st.id = se.study_ref
+    GROUP BY st.patient_ref, i.patient_name
+"""
+
 # Steps from one schema version to the next, applied in order to an older index.
 MIGRATIONS = {
     2: "ALTER TABLE instances ADD COLUMN dataset_sha256 TEXT NOT NULL DEFAULT ''",
     3: CONVERSION_TABLES,
     4: FORWARD_TABLES,
     5: DISK_TABLES,
+    6: PATIENT_NAME_MIGRATION,
 }
 
 SCHEMA = """
@@ -133,7 +162,8 @@ CREATE TABLE IF NOT EXISTS instances (
     calling_ae TEXT NOT NULL DEFAULT '',
     source TEXT NOT NULL DEFAULT '',
     received_at TEXT NOT NULL,
-    spool_purged_at TEXT NOT NULL DEFAULT ''
+    spool_purged_at TEXT NOT NULL DEFAULT '',
+    patient_name TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS patients_name ON patients(patient_name);
 CREATE INDEX IF NOT EXISTS studies_patient ON studies(patient_ref);
@@ -143,11 +173,13 @@ CREATE INDEX IF NOT EXISTS series_study ON series(study_ref);
 CREATE INDEX IF NOT EXISTS series_modality ON series(modality);
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_ref);
 CREATE INDEX IF NOT EXISTS instances_received ON instances(received_at);
-""" + CONVERSION_TABLES + ";" + FORWARD_TABLES + ";" + DISK_TABLES.split("ALTER TABLE")[0]
+""" + CONVERSION_TABLES + ";" + FORWARD_TABLES + ";" + DISK_TABLES.split("ALTER TABLE")[0] + ";" \
+    + PATIENT_NAME_TABLES
 
 INSTANCE_VIEW = """
 SELECT i.sop_instance_uid, i.sop_class_uid, i.instance_number, i.transfer_syntax_uid,
        i.path, i.size, i.sha256, i.dataset_sha256, i.calling_ae, i.source, i.received_at,
+       i.patient_name AS arrived_patient_name,
        se.series_instance_uid, se.modality, se.series_number, se.station_name,
        st.study_instance_uid, st.accession_number, st.study_date, st.study_time,
        st.study_description,
@@ -240,7 +272,9 @@ class Index:
         """Insert or update the four rows of one instance; return the instance row id.
 
         Newer data wins at every level: a corrected patient name or a study
-        moved to another patient follows the last object received.
+        moved to another patient follows the last object received. The name
+        the instance arrived with is kept on the instance and in
+        `patient_names`, so earlier names are not lost.
         """
         patient = conn.execute(
             """INSERT INTO patients (patient_id, patient_name, birth_date, sex)
@@ -251,6 +285,15 @@ class Index:
                RETURNING id""",
             (record.patient_id, record.patient_name, record.birth_date, record.sex),
         ).fetchone()[0]
+        conn.execute(
+            """INSERT INTO patient_names (patient_ref, patient_name, arrivals, first_received_at,
+                                          last_received_at)
+               VALUES (?, ?, 1, ?, ?)
+               ON CONFLICT(patient_ref, patient_name) DO UPDATE SET
+                 arrivals = arrivals + 1,
+                 last_received_at = MAX(last_received_at, excluded.last_received_at)""",
+            (patient, record.patient_name, received_at, received_at),
+        )
         study = conn.execute(
             """INSERT INTO studies (study_instance_uid, patient_ref, accession_number,
                                     study_date, study_time, study_description)
@@ -278,8 +321,8 @@ class Index:
         return conn.execute(
             """INSERT INTO instances (sop_instance_uid, series_ref, sop_class_uid,
                  instance_number, transfer_syntax_uid, path, size, sha256, dataset_sha256,
-                 calling_ae, source, received_at)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                 calling_ae, source, received_at, patient_name)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT(sop_instance_uid) DO UPDATE SET
                  series_ref = excluded.series_ref, sop_class_uid = excluded.sop_class_uid,
                  instance_number = excluded.instance_number,
@@ -287,11 +330,11 @@ class Index:
                  size = excluded.size, sha256 = excluded.sha256,
                  dataset_sha256 = excluded.dataset_sha256, calling_ae = excluded.calling_ae,
                  source = excluded.source,
-                 received_at = excluded.received_at
+                 received_at = excluded.received_at, patient_name = excluded.patient_name
                RETURNING id""",
             (record.sop_instance_uid, series, record.sop_class_uid, record.instance_number,
              record.transfer_syntax_uid, path, size, sha256, dataset_sha256, calling_ae, source,
-             received_at),
+             received_at, record.patient_name),
         ).fetchone()[0]
 
     # --- reading ---------------------------------------------------------------
@@ -331,7 +374,8 @@ class Index:
         """Instances matching every given criterion, oldest study first.
 
         `study_date` takes YYYYMMDD or a range YYYYMMDD-YYYYMMDD; `patient_name`
-        matches a substring of any name group (alphabetic, kanji, kana).
+        matches a substring of any name group (alphabetic, kanji, kana) of any
+        name the patient's images arrived with, not only the newest one.
         """
         clauses: list[str] = []
         args: list[Any] = []
@@ -339,7 +383,8 @@ class Index:
             clauses.append("p.patient_id = ?")
             args.append(patient_id)
         if patient_name is not None:
-            clauses.append("p.patient_name LIKE ? ESCAPE '\\'")
+            clauses.append("p.id IN (SELECT patient_ref FROM patient_names "
+                           "WHERE patient_name LIKE ? ESCAPE '\\')")
             escaped = patient_name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
             args.append(f"%{escaped}%")
         if study_date is not None:
@@ -374,6 +419,31 @@ class Index:
             (received_prefix, received_prefix + "\uffff"),
         ).fetchone()
         return {"instances": total, "bytes": size, "instances_today": today, "bytes_today": today_size}
+
+    def patients_with_several_names(self, limit: int = 20) -> tuple[int, list[dict[str, Any]]]:
+        """Patient IDs whose images arrived under more than one non-empty name, newest first.
+
+        Returns how many such IDs there are and the first `limit` of them, each
+        with its names (oldest first) and how many objects arrived under each.
+        """
+        conn = self.connection()
+        several = """SELECT patient_ref FROM patient_names WHERE patient_name != ''
+                     GROUP BY patient_ref HAVING COUNT(*) > 1"""
+        total = conn.execute(f"SELECT COUNT(*) FROM ({several})").fetchone()[0]
+        found = []
+        for (ref,) in conn.execute(
+            f"""SELECT n.patient_ref FROM patient_names n WHERE n.patient_ref IN ({several})
+                GROUP BY n.patient_ref ORDER BY MAX(n.last_received_at) DESC LIMIT ?""",
+            (int(limit),),
+        ).fetchall():
+            names = conn.execute(
+                """SELECT patient_name, arrivals, first_received_at, last_received_at FROM patient_names
+                   WHERE patient_ref = ? AND patient_name != '' ORDER BY first_received_at""",
+                (ref,),
+            ).fetchall()
+            patient_id = conn.execute("SELECT patient_id FROM patients WHERE id = ?", (ref,)).fetchone()[0]
+            found.append({"patient_id": patient_id, "names": [dict(n) for n in names]})
+        return total, found
 
     def integrity_check(self) -> str:
         return self.connection().execute("PRAGMA integrity_check").fetchone()[0]

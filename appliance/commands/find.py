@@ -18,7 +18,7 @@ FIELDS = (
     "study_instance_uid", "accession_number", "study_date", "study_time", "study_description",
     "series_instance_uid", "modality", "series_number", "station_name", "instance_number",
     "transfer_syntax_uid", "path", "size", "sha256", "calling_ae", "source",
-    "received_at",
+    "received_at", "arrived_patient_name",
 )
 STUDY_DATE = re.compile(r"^(\d{8})?(-(\d{8})?)?$")
 

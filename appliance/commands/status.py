@@ -74,10 +74,14 @@ def collect(settings: Settings) -> dict[str, Any]:
         index = Index(index_path, create=False)
         try:  # closed at once: the status page calls this on every request, from a new thread
             report["archive"] = index.counts(today.isoformat())
+            count, listed = index.patients_with_several_names()
+            report["archive"]["patient_ids_with_several_names"] = count
+            report["archive"]["several_names"] = listed
         finally:
             index.close()
     else:
-        report["archive"] = {"instances": 0, "bytes": 0, "instances_today": 0, "bytes_today": 0}
+        report["archive"] = {"instances": 0, "bytes": 0, "instances_today": 0, "bytes_today": 0,
+                             "patient_ids_with_several_names": 0, "several_names": []}
     quarantine_today = data_dir / "quarantine" / today.strftime("%Y%m%d")
     report["archive"]["rejected_today"] = (
         len(list(quarantine_today.glob("*.dcm"))) if quarantine_today.is_dir() else 0
@@ -96,6 +100,24 @@ def size_text(n: float | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n} B"
+
+
+def several_names_warnings(archive: dict[str, Any]) -> list[str]:
+    """One line per Patient ID whose images arrived under different names.
+
+    A modality that sends two names for one ID is the first sign of a
+    wrong-patient image (a mistyped ID at the console, a worklist mix-up):
+    someone should look before the images are read.
+    """
+    lines = []
+    for entry in archive.get("several_names") or []:
+        names = ", ".join(f"{n['patient_name']} ({n['arrivals']})" for n in entry["names"])
+        lines.append(f"patient ID {entry['patient_id']} arrived under {len(entry['names'])} names: "
+                     f"{names}; check for a wrong patient")
+    hidden = int(archive.get("patient_ids_with_several_names", 0)) - len(lines)
+    if hidden > 0:
+        lines.append(f"and {hidden} more patient ID(s) with several names (`appliance status --json`)")
+    return lines
 
 
 def render(report: dict[str, Any]) -> str:
@@ -137,6 +159,7 @@ def render(report: dict[str, Any]) -> str:
     ]
     if disk["free_bytes"] < disk["min_free_bytes"]:
         lines.append("  WARNING: free space is below [node] min_free_mb; new images are refused")
+    lines += [f"  WARNING: {line}" for line in several_names_warnings(archive)]
     return "\n".join(lines)
 
 

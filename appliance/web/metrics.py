@@ -35,6 +35,9 @@ class ReportCollector(Collector):
                                 value=archive["instances_today"])
         yield GaugeMetricFamily("appliance_images_rejected_today", "images quarantined today",
                                 value=archive["rejected_today"])
+        yield GaugeMetricFamily("appliance_patient_ids_with_several_names",
+                                "patient IDs whose images arrived under more than one name",
+                                value=archive.get("patient_ids_with_several_names", 0))
         yield GaugeMetricFamily("appliance_internal_disk_free_bytes", "free bytes of the data disk",
                                 value=report["disk"]["free_bytes"])
         yield GaugeMetricFamily("appliance_internal_disk_total_bytes", "size of the data disk",

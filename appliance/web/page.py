@@ -13,7 +13,7 @@ import datetime as dt
 from html import escape
 from typing import Any
 
-from appliance.commands.status import size_text
+from appliance.commands.status import several_names_warnings, size_text
 
 GOOD_STATES = {"running", "disabled"}
 
@@ -46,6 +46,7 @@ def warnings(report: dict[str, Any]) -> list[str]:
     disk = report["disk"]
     if disk["free_bytes"] < disk["min_free_bytes"]:
         found.append("the internal disk is full: new images are refused until space is freed")
+    found.extend(several_names_warnings(report["archive"]))
     return found
 
 
