@@ -17,7 +17,7 @@ from typing import Any
 
 from appliance.archive.record import InstanceRecord
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 DISK_TABLES = """
 CREATE TABLE IF NOT EXISTS disks (
@@ -86,12 +86,44 @@ CREATE TABLE IF NOT EXISTS derivations (
 )
 """
 
+# A copy on an external disk is a fact about one file: this disk, this path, these
+# bytes (sha256). A path holds one version at a time, so the key is (disk, path);
+# a re-sent instance with new content needs copies of its own. Each disk keeps its
+# health (the last write error, '' when the last write went well) and the
+# appliance that adopted it; audit_events is the append-only audit trail.
+DISK_TRUTH_TABLES = """
+CREATE TABLE disk_files (
+    disk_uuid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    verified_at TEXT NOT NULL,
+    PRIMARY KEY (disk_uuid, path)
+);
+INSERT OR REPLACE INTO disk_files (disk_uuid, path, sop_instance_uid, sha256, verified_at)
+    SELECT disk_uuid, path, sop_instance_uid, sha256, verified_at FROM disk_copies;
+DROP TABLE disk_copies;
+ALTER TABLE disk_files RENAME TO disk_copies;
+CREATE INDEX disk_copies_instance ON disk_copies(sop_instance_uid, sha256);
+ALTER TABLE disks ADD COLUMN appliance_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE disks ADD COLUMN health TEXT NOT NULL DEFAULT '';
+ALTER TABLE disks ADD COLUMN health_at TEXT NOT NULL DEFAULT '';
+CREATE TABLE IF NOT EXISTS audit_events (
+    id INTEGER PRIMARY KEY,
+    at TEXT NOT NULL,
+    action TEXT NOT NULL,
+    subject TEXT NOT NULL DEFAULT '',
+    detail TEXT NOT NULL DEFAULT ''
+)
+"""
+
 # Steps from one schema version to the next, applied in order to an older index.
 MIGRATIONS = {
     2: "ALTER TABLE instances ADD COLUMN dataset_sha256 TEXT NOT NULL DEFAULT ''",
     3: CONVERSION_TABLES,
     4: FORWARD_TABLES,
     5: DISK_TABLES,
+    6: DISK_TRUTH_TABLES,
 }
 
 SCHEMA = """
@@ -143,7 +175,7 @@ CREATE INDEX IF NOT EXISTS series_study ON series(study_ref);
 CREATE INDEX IF NOT EXISTS series_modality ON series(modality);
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_ref);
 CREATE INDEX IF NOT EXISTS instances_received ON instances(received_at);
-""" + CONVERSION_TABLES + ";" + FORWARD_TABLES + ";" + DISK_TABLES.split("ALTER TABLE")[0]
+""" + CONVERSION_TABLES + ";" + FORWARD_TABLES + ";" + DISK_TABLES.split("ALTER TABLE")[0] + DISK_TRUTH_TABLES
 
 INSTANCE_VIEW = """
 SELECT i.sop_instance_uid, i.sop_class_uid, i.instance_number, i.transfer_syntax_uid,
