@@ -18,7 +18,9 @@ USAGE = 2
 
 
 def _gb(n: int | None) -> str:
-    return "-" if n is None else f"{n / 1e9:.1f} GB"
+    from appliance.commands.status import size_text
+
+    return "-" if n is None else size_text(n)
 
 
 def main(settings: Settings, action: str, label: str | None, role: str | None, pair: int | None,

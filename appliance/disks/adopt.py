@@ -20,7 +20,7 @@ from appliance.archive.ingest import now_local
 from appliance.disks import identity
 from appliance.disks.devices import Filesystem, mounted
 from appliance.disks.model import ROLES, ROOT, Disk, DiskError
-from appliance.disks.tree import DiskTree, UnsafePath
+from appliance.disks.tree import DiskTree, UnsafePath, components
 
 if TYPE_CHECKING:
     from appliance.disks.manager import DiskManager
@@ -114,12 +114,18 @@ def adopt(manager: DiskManager, label: str, role: str, pair: int | None, force: 
             tree.folder([ROOT, "tmp"], create=True)
             os.fsync(tree.folder([ROOT]))
             os.fsync(tree.root_fd)
+            absent = _absent_copies(manager, tree, fs.uuid) if known is not None else []
     except UnsafePath as exc:
         raise DiskError(f"cannot adopt {name}: {exc.strerror}") from exc
     except OSError as exc:
         hint = "it is read-only" if exc.errno == errno.EROFS else "check the disk (full? failing?)"
         raise DiskError(f"cannot write to {name}: {exc.strerror or exc}; {hint}") from exc
     with manager.index.transaction() as tx:
+        if absent:  # adopted again after a wipe: rows whose file is gone are no copies
+            tx.executemany("DELETE FROM disk_copies WHERE disk_uuid = ? AND path = ?",
+                           [(fs.uuid, path) for path in absent])
+            log.warning("%s: %d recorded copies are no longer on the disk; they will be made again",
+                        name, len(absent))
         if foreign:
             tx.execute("DELETE FROM disk_copies WHERE disk_uuid = ?", (fs.uuid,))
             identity.record_audit(tx, "disk-takeover", fs.uuid, {
@@ -132,6 +138,18 @@ def adopt(manager: DiskManager, label: str, role: str, pair: int | None, force: 
     log.warning("adopted disk %s (UUID %s) as %s of pair %d for appliance %s", name, fs.uuid, role, pair,
                 me_short)
     return Disk(fs.uuid, fs.label, role, pair, fs, device_id)
+
+
+def _absent_copies(manager: DiskManager, tree: DiskTree, uuid: str) -> list[str]:
+    """Recorded copies on this disk whose regular file cannot be found (reached without links)."""
+    absent = []
+    for (path,) in manager.index.connection().execute("SELECT path FROM disk_copies WHERE disk_uuid = ?",
+                                                       (uuid,)).fetchall():
+        try:
+            os.close(tree.open_file(components(path, ROOT)))
+        except OSError:
+            absent.append(path)
+    return absent
 
 
 def _free_slot(manager: DiskManager, role: str) -> int:

@@ -320,7 +320,7 @@ class DiskManager:
 
         return status(self)
 
-    def warnings(self) -> Iterator[str]:
+    def warnings(self, now: dt.datetime | None = None) -> Iterator[str]:
         from appliance.disks.report import warnings
 
-        return warnings(self)
+        return warnings(self, now)

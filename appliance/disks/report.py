@@ -7,6 +7,7 @@ CLI, `appliance status`, the page and /metrics all show these same fields.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -43,9 +44,12 @@ def status(manager: DiskManager) -> list[dict[str, Any]]:
     rows = []
     for disk in disks:
         on = bool(active and active[0] == disk.pair and disk.writable)
+        state, health = disk.state(on), _health(disk)
+        if state == "ready" and disk.pair and not manager._next_fits(disk):
+            state, health = "full", "the next image does not fit above [disks] min_free_gb"
         entry: dict[str, Any] = {"label": disk.label, "uuid": disk.uuid, "role": disk.role,
                                  "pair": disk.pair, "mounted": disk.mounted, "active": on,
-                                 "state": disk.state(on), "health": _health(disk),
+                                 "state": state, "health": health,
                                  "read_only": disk.read_only, "trusted": disk.trusted}
         entry["instances"] = conn.execute("SELECT COUNT(*) FROM disk_copies WHERE disk_uuid = ?",
                                           (disk.uuid,)).fetchone()[0]
@@ -83,7 +87,7 @@ def _lacking(manager: DiskManager) -> int:
         " WHERE c.sop_instance_uid = i.sop_instance_uid AND c.sha256 = i.sha256) < 2").fetchone()[0]
 
 
-def warnings(manager: DiskManager) -> Iterator[str]:
+def warnings(manager: DiskManager, now: dt.datetime | None = None) -> Iterator[str]:
     total, free = capacity(manager.archive.data_dir)
     if free < INTERNAL_ALERT_FRACTION * total:
         yield (f"internal disk nearly full ({free / 1e9:.1f} GB free of {total / 1e9:.1f} GB); "
@@ -111,7 +115,7 @@ def warnings(manager: DiskManager) -> Iterator[str]:
     for pair, members in sorted(pairs.items()):
         if len(members) < 2 or not all(d.writable for d in members):
             yield f"pair {pair} is degraded: " + ", ".join(f"{d.label} {_word(d)}" for d in members)
-    waiting, none = backlog(manager, disks)
+    waiting, none = backlog(manager, disks, now)
     if waiting:
         unusable = [d.label for d in disks if not d.trusted]
         why = (f"; not counted: {', '.join(unusable)} (missing or untrusted)" if unusable else "")
