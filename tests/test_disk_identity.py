@@ -47,21 +47,21 @@ def test_another_appliances_disk_is_refused_and_taken_over_only_with_the_word(tm
     a, b = pair(one, usb)
     import_images(one, tmp_path, 3)
     run_cli(one, "disks", "copy")
-    ids = [json.loads((data_dir(c) / "appliance-id.json").read_text())["appliance_id"] for c in (one,)]
     marker = (b / ".gateway-disk.json").read_text()
-    assert json.loads(marker)["appliance_id"] == ids[0]
     refused(two, "disks", "adopt", "GW_B", "--role", "primary", saying="adopted by another appliance")
+    one_id = json.loads((data_dir(one) / "appliance-id.json").read_text())["appliance_id"]
+    assert json.loads(marker)["appliance_id"] == one_id, "the marker names the appliance's own identity"
     refused(two, "disks", "adopt", "GW_B", "--role", "primary", "--force", "yes",
             saying="--force takeover")
     assert (b / ".gateway-disk.json").read_text() == marker, "a refused adoption leaves the marker alone"
     taken = run_cli(two, "disks", "adopt", "GW_B", "--role", "primary", "--force", "takeover")
     assert "adopted as primary of pair 1" in taken.stdout and "audit: disk-takeover" in taken.stderr
     two_id = json.loads((data_dir(two) / "appliance-id.json").read_text())["appliance_id"]
-    assert two_id != ids[0] and json.loads((b / ".gateway-disk.json").read_text())["appliance_id"] == two_id
+    assert two_id != one_id and json.loads((b / ".gateway-disk.json").read_text())["appliance_id"] == two_id
     events = sqlite3.connect(data_dir(two) / "index.sqlite").execute(
         "SELECT action, subject, detail FROM audit_events").fetchall()
     assert len(events) == 1 and events[0][0] == "disk-takeover"
-    assert json.loads(events[0][2])["previous_appliance"] == ids[0]
+    assert json.loads(events[0][2])["previous_appliance"] == one_id
     # The first appliance sees it is no longer its disk: not written, not counted.
     row = status(one)["GW_B"]
     assert row["state"] == "untrusted" and "another appliance" in row["health"]
