@@ -129,3 +129,42 @@ def test_a_read_only_disk_is_refused_with_one_line(tmp_path: Path, usb) -> None:
     sh("mount", "-o", "remount,ro", str(disk))
     refused(gw, "disks", "adopt", "RO_DISK", "--role", "primary", saying="mounted read-only")
     assert not (disk / ".gateway-disk.json").exists()
+
+
+def test_disks_adopted_by_the_previous_software_are_kept_and_claimed(tmp_path: Path, usb) -> None:
+    """Schema 5 (copies keyed by instance and disk, markers without an appliance identity)
+    upgrades in place: the copies stay recorded, the disks stay trusted, and the next copy
+    writes this appliance's identity into their markers."""
+    gw = make_gateway(tmp_path)
+    a, b = pair(gw, usb)
+    import_images(gw, tmp_path, 2)
+    run_cli(gw, "disks", "copy")
+    index = sqlite3.connect(data_dir(gw) / "index.sqlite")
+    index.executescript("""
+        CREATE TABLE old_copies (sop_instance_uid TEXT NOT NULL, disk_uuid TEXT NOT NULL, path TEXT NOT NULL,
+            sha256 TEXT NOT NULL, verified_at TEXT NOT NULL, PRIMARY KEY (sop_instance_uid, disk_uuid));
+        INSERT INTO old_copies SELECT sop_instance_uid, disk_uuid, path, sha256, verified_at FROM disk_copies;
+        DROP TABLE disk_copies;
+        ALTER TABLE old_copies RENAME TO disk_copies;
+        CREATE INDEX disk_copies_disk ON disk_copies(disk_uuid);
+        ALTER TABLE disks DROP COLUMN appliance_id;
+        ALTER TABLE disks DROP COLUMN health;
+        ALTER TABLE disks DROP COLUMN health_at;
+        DROP TABLE audit_events;
+        PRAGMA user_version = 5;
+    """)
+    index.close()
+    for mount in (a, b):
+        marker = json.loads((mount / ".gateway-disk.json").read_text())
+        for key in ("appliance_id", "format"):
+            del marker[key]
+        marker["appliance"] = "gateway"
+        (mount / ".gateway-disk.json").write_text(json.dumps(marker))
+    (data_dir(gw) / "appliance-id.json").unlink()
+    rows = status(gw)
+    assert [(rows[k]["state"], rows[k]["instances"]) for k in ("GW_A", "GW_B")] == [("active", 2)] * 2
+    import_images(gw, tmp_path, 1, name="after")
+    assert "2 verified copies made" in run_cli(gw, "disks", "copy").stdout
+    me = json.loads((data_dir(gw) / "appliance-id.json").read_text())["appliance_id"]
+    assert all(json.loads((m / ".gateway-disk.json").read_text())["appliance_id"] == me for m in (a, b))
+    assert retention_loses_nothing(gw, [a, b]) == 3
