@@ -91,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     dsk.add_argument("--role", choices=["primary", "mirror", "spare"])
     dsk.add_argument("--pair", type=int, metavar="N")
     dsk.add_argument("--from", dest="source", metavar="LABEL", help="with rebuild: the surviving disk")
+    dsk.add_argument("--force", metavar="WORD", help="with adopt: take over another appliance's disk "
+                     "(WORD must be 'takeover'; written to the audit trail)")
     dsk.add_argument("--json", action="store_true")
 
     cfg = commands.add_parser("config", help="show the settings in force, or check a file")
@@ -165,7 +167,8 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
     if args.command == "disks" and args.action:
         from appliance.commands import disks
 
-        return disks.main(settings, args.action, args.label, args.role, args.pair, args.json, args.source)
+        return disks.main(settings, args.action, args.label, args.role, args.pair, args.json, args.source,
+                          args.force)
     if args.command in ("queue", "send"):
         from appliance.commands import queue
 

@@ -234,6 +234,11 @@ class DisksSettings:
     min_free_gb: float = _checked(2.0, check_not_negative, "rotate to the next pair below this")
     pause_ms: float = _checked(5.0, check_not_negative,
                                "pause between copied files while images are arriving")
+    round_seconds: float = _checked(10.0, check_positive,
+                                    "how often the service looks at every disk and publishes its state")
+    verified_within_hours: float = _checked(24.0, check_positive,
+                                            "a copy counts for retention when its hash was checked this "
+                                            "recently; older ones are read back first")
 
 
 @dataclass(frozen=True)

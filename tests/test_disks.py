@@ -183,7 +183,7 @@ def test_rescan_of_an_old_gateway_disk_rebuilds_the_index(gateway: Path, usb, tm
     run_cli(gateway, "disks", "adopt", "OLDGW", "--role", "spare")
     report = json.loads(run_cli(gateway, "disks", "rescan", "OLDGW", "--json").stdout)
     assert report == {"found": 6, "already_known": 0, "known_other_content": 0, "unreadable": 1,
-                      "not_dicom": 1}
+                      "not_dicom": 1, "links": 0}
     found = json.loads("[" + ",".join(run_cli(gateway, "find", "--json", "--patient-id", "OLD1")
                                       .stdout.split("\n")[:-1]) + "]")
     assert len(found) == 6

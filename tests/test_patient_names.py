@@ -87,7 +87,7 @@ def test_an_older_index_learns_the_names_it_has(make_appliance, tmp_path: Path) 
     gateway.stop()
     db = sqlite3.connect(gateway.data_dir / "index.sqlite")
     db.executescript("DROP TABLE patient_names; ALTER TABLE instances DROP COLUMN patient_name; "
-                     "PRAGMA user_version = 5;")
+                     "PRAGMA user_version = 6;")
     db.close()
     gateway.start()  # the receiver upgrades the index
     (row,) = gateway.find("--patient-name", "Yamada")

@@ -143,9 +143,12 @@ def render(report: dict[str, Any]) -> str:
             lines.append(f"    -> {name:<12} {health}; {dest.get('pending', 0)} pending, "
                          f"{dest.get('failed', 0)} failed, {dest.get('done', 0)} sent")
         for disk in entry.get("disks") or []:
-            where = "active" if disk.get("active") else ("mounted" if disk.get("mounted") else "MISSING")
+            where = disk.get("state") or ("active" if disk.get("active") else
+                                          "mounted" if disk.get("mounted") else "missing")
+            where = where if where in ("active", "ready") else where.upper()
+            health = f"; {disk['health']}" if disk.get("health") and disk.get("mounted") else ""
             lines.append(f"    disk {disk['label']:<12} {disk['role']:<7} pair {disk['pair']} {where}; "
-                         f"{disk['instances']} images")
+                         f"{disk['instances']} images{health}")
         for warning in entry.get("warnings") or []:
             lines.append(f"    WARNING: {warning}")
     archive = report["archive"]

@@ -12,7 +12,9 @@ at worst unrecorded files that the next round overwrites.
 
 A disk pulled out mid-batch (or lazily unmounted) leaves its mount point as an
 empty folder of the internal disk: every file opened is checked to be on the
-disk's own device (st_dev), so nothing written there is ever counted.
+disk's own device (st_dev), so nothing written there is ever counted. Every
+folder and file on the disk is reached from its root without following a link
+(tree.py): a planted link is an error on the disk, never written through.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import errno
 import hashlib
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,8 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from appliance.disks.model import ROOT
+from appliance.disks.tree import DiskGone, DiskTree, UnsafePath, components
+
 if TYPE_CHECKING:
-    from appliance.disks.manager import Disk
+    from appliance.disks.model import Disk
 
 log = logging.getLogger("appliance.disks")
 
@@ -42,9 +48,10 @@ BLOCK = 4096  # what a small file costs on a disk beyond its bytes, roughly: one
 class CopyItem:
     uid: str
     source: Path
-    relative: str  # the same relative path on the disk as in the archive
+    relative: str  # the same relative path on the disk (under gateway/) as in the archive
     sha256: str
     size: int
+    source_tree: DiskTree | None = None  # set when `source` is a path on another disk, under its gateway/
 
 
 @dataclass
@@ -53,10 +60,6 @@ class BatchOutcome:
     failed: list[tuple[CopyItem, str]] = field(default_factory=list)  # this image, this reason
     stopped: str = ""  # why the batch ended early (disk gone, full, failing); empty when it ran through
     full: bool = False
-
-
-class DiskGone(OSError):
-    """The disk is no longer where it was mounted: nothing more may be written or counted."""
 
 
 class SourceUnreadable(OSError):
@@ -124,24 +127,34 @@ def _send_all(source_fd: int, target_fd: int, size: int) -> None:
             view = view[os.write(target_fd, view):]
 
 
-def write_one(disk: Disk, item: CopyItem) -> None:
-    """Copy one image to its place on the disk through a temp name; not flushed yet."""
-    _disk_present(disk)
+def _open_source(item: CopyItem) -> int:
     try:
-        source_fd = os.open(item.source, os.O_RDONLY)
+        if item.source_tree is not None:  # a partner disk's copy: reached without links, too
+            return item.source_tree.open_file(components(str(item.source), ROOT))
+        return os.open(item.source, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        raise SourceUnreadable(exc.errno, f"cannot read {item.source}: {exc.strerror}") from exc
+        raise SourceUnreadable(exc.errno, f"cannot read {item.source}: {exc.strerror or exc}") from exc
+
+
+def write_one(disk: Disk, tree: DiskTree, item: CopyItem) -> None:
+    """Copy one image to its place on the disk through a temp name; not flushed yet.
+
+    Every folder is reached from the disk's root without following a link
+    (tree.py); a link where the copy goes is refused, never replaced.
+    """
+    _disk_present(disk)
+    target = components(item.relative, ROOT)
+    if _exists_parent(tree, target):
+        tree.refuse_link(target)
+    source_fd = _open_source(item)
     try:
-        target = disk.root / item.relative
-        temp = disk.root / "tmp" / f"{os.getpid()}-{threading.get_ident()}.part"
-        target.parent.mkdir(parents=True, exist_ok=True)
+        temp = [ROOT, "tmp", f"{os.getpid()}-{threading.get_ident()}.part"]
         try:
-            target_fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            target_fd = tree.open_file(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, create_dirs=True)
         except FileNotFoundError:
             _disk_present(disk)  # the tmp folder vanished with the disk
             raise
         try:
-            _check_device(disk, target_fd)
             try:
                 _send_all(source_fd, target_fd, item.size)
             except OSError as exc:
@@ -157,24 +170,32 @@ def write_one(disk: Disk, item: CopyItem) -> None:
                 raise
         except BaseException:
             os.close(target_fd)
-            os.unlink(temp)
+            tree.unlink(temp)
             raise
         os.close(target_fd)
-        os.replace(temp, target)
+        tree.replace(temp, target)
     finally:
         os.close(source_fd)
 
 
-def read_back(disk: Disk, item: CopyItem) -> bool:
-    """True when the copy on the disk, read from the disk itself, has the archive's sha256."""
-    path = disk.root / item.relative
+def _exists_parent(tree: DiskTree, parts: list[str]) -> bool:
+    """True when the target's folder already exists (reached safely): then its name is checked."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        tree.folder(parts[:-1])
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def read_back(disk: Disk, tree: DiskTree, item: CopyItem) -> bool:
+    """True when the copy on the disk, read from the disk itself, has the archive's sha256."""
+    parts = components(item.relative, ROOT)
+    try:
+        fd = tree.open_file(parts)
     except FileNotFoundError:
         _disk_present(disk)
         return False
     try:
-        _check_device(disk, fd)
         if hasattr(os, "posix_fadvise"):  # clean after the flush: dropping them forces a real read
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         with os.fdopen(fd, "rb", closefd=False) as fp:
@@ -182,7 +203,7 @@ def read_back(disk: Disk, item: CopyItem) -> bool:
     finally:
         os.close(fd)
     if not good:
-        path.unlink(missing_ok=True)  # never leave a bad copy where a rescan would find it
+        tree.unlink(parts)  # never leave a bad copy where a rescan would find it (it is no link)
     return good
 
 
@@ -196,14 +217,29 @@ def write_batch(disk: Disk, items: Sequence[CopyItem], pause: Callable[[], float
     """
     outcome = BatchOutcome()
     written: list[CopyItem] = []
+    try:
+        tree = disk.tree()
+    except OSError as exc:
+        outcome.stopped = str(exc)
+        return written, outcome
+    with tree:
+        _write_all(disk, tree, items, outcome, written, pause, stop)
+    return written, outcome
+
+
+def _write_all(disk: Disk, tree: DiskTree, items: Sequence[CopyItem], outcome: BatchOutcome,
+               written: list[CopyItem], pause: Callable[[], float], stop: Callable[[], bool]) -> None:
     for item in items:
         try:
-            write_one(disk, item)
+            write_one(disk, tree, item)
         except SourceUnreadable as exc:
             outcome.failed.append((item, str(exc)))
             continue
         except DiskGone as exc:
             outcome.stopped = str(exc)
+            break
+        except UnsafePath as exc:
+            outcome.stopped = exc.strerror or str(exc)
             break
         except OSError as exc:
             outcome.full = exc.errno in FULL_ERRNOS
@@ -216,7 +252,6 @@ def write_batch(disk: Disk, items: Sequence[CopyItem], pause: Callable[[], float
             time.sleep(rest)
         if stop():
             break
-    return written, outcome
 
 
 def verify_batch(disk: Disk, written: Sequence[CopyItem], outcome: BatchOutcome) -> BatchOutcome:
@@ -232,9 +267,20 @@ def verify_batch(disk: Disk, written: Sequence[CopyItem], outcome: BatchOutcome)
     except OSError as exc:
         outcome.stopped = outcome.stopped or str(exc)
         return outcome  # nothing of this batch is known to be on the disk: nothing is recorded
+    try:
+        tree = disk.tree()
+    except OSError as exc:
+        outcome.stopped = outcome.stopped or str(exc)
+        return outcome
+    with tree:
+        _read_all(disk, tree, written, outcome)
+    return outcome
+
+
+def _read_all(disk: Disk, tree: DiskTree, written: Sequence[CopyItem], outcome: BatchOutcome) -> None:
     for item in written:
         try:
-            good = read_back(disk, item)
+            good = read_back(disk, tree, item)
         except DiskGone as exc:
             outcome.stopped = outcome.stopped or str(exc)
             break
@@ -246,7 +292,6 @@ def verify_batch(disk: Disk, written: Sequence[CopyItem], outcome: BatchOutcome)
         else:
             outcome.failed.append((item, f"the copy on {disk.label} does not match its sha256 "
                                          "(damaged source or disk)"))
-    return outcome
 
 
 def copy_batch(disk: Disk, items: Sequence[CopyItem], pause: Callable[[], float] = lambda: 0.0,
@@ -257,11 +302,18 @@ def copy_batch(disk: Disk, items: Sequence[CopyItem], pause: Callable[[], float]
 
 
 def clear_leftovers(disk: Disk) -> None:
-    """Remove temp files a crashed copier left on the disk (their process is gone)."""
-    tmp = disk.root / "tmp"
-    if not tmp.is_dir():
-        return
-    for part in tmp.glob("*.part"):
-        pid = part.name.split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
-            part.unlink(missing_ok=True)
+    """Remove temp files a crashed copier left on the disk (their process is gone).
+
+    Only regular files in the disk's own gateway/tmp, reached without links: a
+    `tmp` that is a link is an error on the disk, and nothing is deleted through it.
+    """
+    with disk.tree() as tree:
+        try:
+            entries = list(tree.listing([ROOT, "tmp"]))
+        except FileNotFoundError:
+            return
+        for name, info in entries:
+            pid = name.split("-", 1)[0]
+            if (name.endswith(".part") and stat.S_ISREG(info.st_mode) and pid.isdigit()
+                    and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists()):
+                tree.unlink([ROOT, "tmp", name])

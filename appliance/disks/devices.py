@@ -23,6 +23,7 @@ class Filesystem:
     fstype: str
     label: str
     uuid: str
+    read_only: bool = False  # mounted "ro": its copies can still be proven, nothing is written
 
 
 def _unescape(field: str) -> str:
@@ -53,12 +54,15 @@ def mounted() -> list[Filesystem]:
     found = []
     with open("/proc/self/mounts", encoding="utf-8") as mounts:
         for line in mounts:
-            device, mountpoint, fstype, *_ = line.split()
+            device, mountpoint, fstype, options, *_ = line.split()
             if not device.startswith("/dev/") or fstype not in DISK_FILESYSTEMS:
                 continue
+            if any(fs.device == device for fs in found):
+                continue  # one file system mounted twice (a bind mount): it is one disk
             info = probe(device)
             found.append(Filesystem(device, Path(_unescape(mountpoint)), fstype,
-                                    info.get("LABEL", ""), info.get("UUID", "")))
+                                    info.get("LABEL", ""), info.get("UUID", ""),
+                                    "ro" in options.split(",")))
     return found
 
 

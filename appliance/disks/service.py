@@ -21,7 +21,6 @@ from appliance.disks.window import in_window
 from appliance.service import start_with_archive
 
 log = logging.getLogger("appliance.disks")
-IDLE_SECONDS = 10.0
 PURGE_EVERY_SECONDS = 600.0
 
 
@@ -57,10 +56,10 @@ def run(settings: Settings) -> int:
                 manager.purge_spool()
                 last_purge = time.monotonic()
             shell.write_state({"disks": manager.status(), "warnings": list(manager.warnings()),
-                               "copied": copied})
+                               "copied": copied, "retention": manager.last_retention})
         except Exception:  # a disk that vanishes mid-way must not end the service
-            log.exception("disk round failed; trying again in %.0f s", IDLE_SECONDS)
+            log.exception("disk round failed; trying again in %.0f s", settings.disks.round_seconds)
         if not busy:
-            shell.stopping.wait(IDLE_SECONDS)
+            shell.stopping.wait(settings.disks.round_seconds)
     shell.stopped({"copied": copied})
     return 0

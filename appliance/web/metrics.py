@@ -54,6 +54,9 @@ class ReportCollector(Collector):
                                     labels=["label", "role", "pair"])
         images = GaugeMetricFamily("appliance_external_disk_images", "verified copies per external disk",
                                    labels=["label", "role", "pair"])
+        healthy = GaugeMetricFamily("appliance_external_disk_healthy", "1 when the disk is mounted, trusted, "
+                                    "writable and its last write went well", labels=["label", "role", "pair",
+                                                                                     "state"])
         warnings = 0
         for service in report["services"]:
             warnings += len(service.get("warnings") or [])
@@ -65,11 +68,13 @@ class ReportCollector(Collector):
                 labels = [disk["label"], disk["role"], str(disk["pair"])]
                 mounted.add_metric(labels, 1.0 if disk.get("mounted") else 0.0)
                 images.add_metric(labels, disk.get("instances", 0))
+                state = disk.get("state", "")
+                healthy.add_metric([*labels, state], 1.0 if state in ("active", "ready", "full") else 0.0)
                 if disk.get("mounted"):
                     free.add_metric(labels, disk["free_bytes"])
                     total.add_metric(labels, disk["total_bytes"])
         yield from queue.values()
-        yield from (reachable, free, total, mounted, images)
+        yield from (reachable, free, total, mounted, images, healthy)
         yield GaugeMetricFamily("appliance_warnings", "warnings the services publish (see the page)",
                                 value=warnings)
 

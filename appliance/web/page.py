@@ -86,6 +86,10 @@ def _disks(report: dict[str, Any]) -> str:
     for d in disks:
         if not d.get("mounted"):
             state, kind = "MISSING", "bad"
+        elif d.get("state") not in (None, "active", "ready", "full"):  # untrusted, read-only, failing
+            state, kind = f"{escape(d['state']).upper()}: {escape(d.get('health', ''))}", "bad"
+        elif d.get("state") == "full":
+            state, kind = "full", "ok"
         elif d.get("active"):
             state, kind = "active", "ok"
         else:
