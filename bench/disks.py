@@ -1,4 +1,4 @@
-"""Copy throughput to external disks (issue 5): `appliance disks copy` against `cp -a` + sync, in one run.
+"""Copy throughput to external disks: `appliance disks copy` against `cp -a` + sync, in one run.
 
     .venv/bin/python bench/disks.py              # 2,000 images, 3 rounds (part of `make bench`)
     .venv/bin/python bench/disks.py --quick      # 200 images, one round: a smoke test
@@ -623,7 +623,7 @@ def report(runs: list[Run], images: int, image_bytes: int, rounds: int,
         ratio("appliance", "cp-parallel", "; cp to both disks at once")
         if "appliance/cp" in ratios:
             verdict = "met" if ratios["appliance/cp"] >= 0.8 else "NOT met"
-            print(f"aim (issue 5): appliance/cp >= 0.80 including verification: {verdict}")
+            print(f"aim: appliance/cp >= 0.80 including verification: {verdict}")
     disturbed = [r for r in runs if r.disturbance]
     if disturbed:
         print(f"note: {len(disturbed)} counted run(s) shared the machine (other CPU or disk writes, see the "

@@ -1,4 +1,4 @@
-"""Forwarding throughput and latency (issue 4): storescu -> appliance -> Orthanc, against storescu -> Orthanc.
+"""Forwarding throughput and latency: storescu -> appliance -> Orthanc, against storescu -> Orthanc.
 
     .venv/bin/python bench/forward.py              # 1,000 images, 3 rounds (part of `make bench`)
     .venv/bin/python bench/forward.py --quick      # 100 images, one round: a smoke test

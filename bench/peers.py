@@ -8,7 +8,7 @@ time, read from /proc before it is stopped (see machine.py).
 
 Every process runs with TCP_NODELAY=1 in its environment: Debian's DCMTK and
 Orthanc leave Nagle on otherwise, and each C-STORE then stalls ~40 ms
-(NOTES.md), which would measure the kernel's timer rather than the peer.
+on loopback, which would measure the kernel's timer rather than the peer.
 
 Later benchmarks (forwarding, transcoding, disk copy) reuse these classes and
 `storescu()`; nothing here knows about the receive benchmark.

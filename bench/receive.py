@@ -29,7 +29,7 @@ The machine may be shared (other sessions run test suites on the same two
 cores): before each send the benchmark waits for the CPUs to be idle, and a
 send during which other processes took more than DISTURBED_CPUS is measured
 again and not counted. Ratios against peers measured in the same run travel
-between machines; the absolute rates do not (NOTES.md). docs/PERFORMANCE.md
+between machines; the absolute rates do not. docs/PERFORMANCE.md
 records the results and what they mean.
 """
 

@@ -6,7 +6,7 @@ newer than pynetdicom), we accept the first transfer syntax the sender lists
 that we can parse, so an object arrives as the modality made it, and the
 store policy decides later what to keep.
 
-The sender's order is kept on purpose (see NOTES.md: an acceptor that picks
+The sender's order is kept on purpose (an acceptor that picks
 in its own list order, as pynetdicom does, turns every JPEG 2000 sender that
 also offers Implicit VR into an Implicit VR one). pynetdicom's service table
 still decides which SOP classes are storage.

@@ -3,7 +3,7 @@
 Disks are known by file-system label or UUID, never by /dev name: /dev/sdb
 today is /dev/sdc after the next reboot. `blkid` probes the device itself,
 so this works with or without udev (loop-mounted images in the tests have
-no /dev/disk/by-label, NOTES.md).
+no /dev/disk/by-label, and lsblk shows no labels without udev).
 """
 
 from __future__ import annotations
