@@ -151,6 +151,8 @@ def test_disks_adopted_by_the_previous_software_are_kept_and_claimed(tmp_path: P
         ALTER TABLE disks DROP COLUMN health;
         ALTER TABLE disks DROP COLUMN health_at;
         DROP TABLE audit_events;
+        DROP TABLE patient_names;
+        ALTER TABLE instances DROP COLUMN patient_name;
         PRAGMA user_version = 5;
     """)
     index.close()
