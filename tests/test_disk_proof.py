@@ -161,9 +161,14 @@ def test_a_resent_version_gets_copies_of_its_own(gateway: Path, usb, tmp_path: P
     found = run_cli(gateway, "find", "--json", "--patient-id", "CT").stdout.splitlines()
     indexed = next(r for r in map(json.loads, found) if r["sop_instance_uid"] == uid)
     assert indexed["sha256"] == sha(corrected), "the index points to the corrected version"
-    relative = Path(indexed["path"]).relative_to(data_dir(gateway))
-    for disk in (a, b):  # where `find` points, each disk holds the corrected version
-        assert sha(disk / "gateway" / relative) == indexed["sha256"]
+    # Retention removed the internal file: `find` says so, and names the disks and paths that
+    # hold the corrected version instead of pointing at a file that is gone.
+    assert not Path(indexed["path"]).exists() and indexed["on_internal_disk"] is False
+    assert sorted(c["label"] for c in indexed["disk_copies"]) == ["GW_A", "GW_B"]
+    for copy in indexed["disk_copies"]:
+        disk = {"GW_A": a, "GW_B": b}[copy["label"]]
+        assert sha(disk / copy["path"]) == indexed["sha256"]
+    assert "on disks GW_A, GW_B" in run_cli(gateway, "find", "--patient-id", "CT").stdout
     assert json.loads(run_cli(gateway, "disks", "verify", "--json").stdout)["unrepairable"] == 0
 
 

@@ -21,7 +21,7 @@ from appliance.archive.schema import MIGRATIONS, SCHEMA_V5, SCHEMA_VERSION
 INSTANCE_VIEW = """
 SELECT i.sop_instance_uid, i.sop_class_uid, i.instance_number, i.transfer_syntax_uid,
        i.path, i.size, i.sha256, i.dataset_sha256, i.calling_ae, i.source, i.received_at,
-       i.patient_name AS arrived_patient_name,
+       i.patient_name AS arrived_patient_name, i.spool_purged_at,
        se.series_instance_uid, se.modality, se.series_number, se.station_name,
        st.study_instance_uid, st.accession_number, st.study_date, st.study_time,
        st.study_description,
@@ -186,6 +186,17 @@ class Index:
             (sop_instance_uid,),
         ).fetchone()
         return dict(row) if row else None
+
+    def disk_copies(self, sop_instance_uid: str, sha256: str) -> list[dict[str, Any]]:
+        """The external copies recorded for this version of an instance (its sha256)."""
+        rows = self.connection().execute(
+            """SELECT d.label, d.role, d.pair, c.path, c.verified_at FROM disk_copies c
+               JOIN disks d ON d.uuid = c.disk_uuid
+               WHERE c.sop_instance_uid = ? AND c.sha256 = ?
+               ORDER BY d.pair, d.role != 'primary', d.label""",
+            (sop_instance_uid, sha256),
+        ).fetchall()
+        return [dict(row) for row in rows]
 
     def derivation(self, original_sop_instance_uid: str) -> dict[str, Any] | None:
         """The lossy-compressed instance the archive keeps in place of an original."""

@@ -2,16 +2,22 @@
 
 Plain output is a table for a person; `--json` prints one JSON object per
 instance (JSON Lines), for scripts and for the acceptance checks.
+
+An image whose internal file was removed by retention (two proven external
+copies) is still listed: `path` is where it was, `on_internal_disk` is
+false, and `disk_copies` says which disks hold this version of it.
 """
 
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 from typing import Any
 
 from appliance.archive.index import Index
 from appliance.config import Settings
+from appliance.disks.model import ROOT
 
 FIELDS = (
     "sop_instance_uid", "sop_class_uid", "patient_id", "patient_name", "birth_date", "sex",
@@ -39,9 +45,14 @@ def rows(settings: Settings, **criteria: Any) -> list[dict[str, Any]]:
     if not index_path.exists():
         return []
     found = []
-    for row in Index(index_path, create=False).find(**criteria):
+    index = Index(index_path, create=False)
+    for row in index.find(**criteria):
         entry = {name: row[name] for name in FIELDS}
         entry["path"] = str(settings.data_dir / row["path"])
+        entry["on_internal_disk"] = not row["spool_purged_at"]
+        entry["disk_copies"] = [
+            {**copy, "path": posixpath.normpath(f"{ROOT}/{copy['path']}")} for copy in index.disk_copies(
+                row["sop_instance_uid"], row["sha256"])]
         found.append(entry)
     return found
 
@@ -58,7 +69,9 @@ def main(settings: Settings, as_json: bool, **criteria: Any) -> int:
         return 0
     print(f"{'date':<8} {'mod':<4} {'patient':<16} {'name':<24} {'sop instance uid':<40} path")
     for e in found:
+        where = e["path"] if e["on_internal_disk"] else "on disks " + ", ".join(
+            c["label"] for c in e["disk_copies"]) or "NOWHERE"
         print(f"{e['study_date']:<8} {e['modality']:<4} {e['patient_id'][:16]:<16} "
-              f"{e['patient_name'][:24]:<24} {e['sop_instance_uid'][:40]:<40} {e['path']}")
+              f"{e['patient_name'][:24]:<24} {e['sop_instance_uid'][:40]:<40} {where}")
     print(f"{len(found)} image(s)")
     return 0
