@@ -17,7 +17,7 @@ from typing import Any
 
 from appliance.archive.record import InstanceRecord
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 7
 
 DISK_TABLES = """
 CREATE TABLE IF NOT EXISTS disks (
@@ -86,12 +86,25 @@ CREATE TABLE IF NOT EXISTS derivations (
 )
 """
 
-# Steps from one schema version to the next, applied in order to an older index.
+REFUSAL_TABLES = """
+CREATE TABLE IF NOT EXISTS conversion_refusals (
+    id INTEGER PRIMARY KEY,
+    sop_instance_uid TEXT NOT NULL,
+    target_syntax TEXT NOT NULL,
+    path TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    refused_at TEXT NOT NULL
+)
+"""
+
+# Steps from one schema version to the next, applied in order to an older index
+# (a number with no step is skipped).
 MIGRATIONS = {
     2: "ALTER TABLE instances ADD COLUMN dataset_sha256 TEXT NOT NULL DEFAULT ''",
     3: CONVERSION_TABLES,
     4: FORWARD_TABLES,
     5: DISK_TABLES,
+    7: REFUSAL_TABLES,
 }
 
 SCHEMA = """
@@ -143,7 +156,7 @@ CREATE INDEX IF NOT EXISTS series_study ON series(study_ref);
 CREATE INDEX IF NOT EXISTS series_modality ON series(modality);
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_ref);
 CREATE INDEX IF NOT EXISTS instances_received ON instances(received_at);
-""" + CONVERSION_TABLES + ";" + FORWARD_TABLES + ";" + DISK_TABLES.split("ALTER TABLE")[0]
+""" + CONVERSION_TABLES + ";" + FORWARD_TABLES + ";" + DISK_TABLES.split("ALTER TABLE")[0] + REFUSAL_TABLES
 
 INSTANCE_VIEW = """
 SELECT i.sop_instance_uid, i.sop_class_uid, i.instance_number, i.transfer_syntax_uid,
@@ -182,7 +195,8 @@ class Index:
                 f"BEGIN IMMEDIATE; {SCHEMA}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
             )
         elif create and version < SCHEMA_VERSION:
-            steps = "; ".join(MIGRATIONS[v] for v in range(version + 1, SCHEMA_VERSION + 1))
+            steps = "; ".join(MIGRATIONS[v] for v in range(version + 1, SCHEMA_VERSION + 1)
+                              if v in MIGRATIONS)
             conn.executescript(
                 f"BEGIN IMMEDIATE; {steps}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
             )
