@@ -21,6 +21,7 @@ from appliance.config import Settings
 from appliance.processes import pid_alive
 from appliance.service import state_dir
 from appliance.services import SERVICES, enabled_services
+from appliance.transcode.refusals import refusal_counts
 
 
 def service_states(settings: Settings) -> list[dict[str, Any]]:
@@ -74,10 +75,12 @@ def collect(settings: Settings) -> dict[str, Any]:
         index = Index(index_path, create=False)
         try:  # closed at once: the status page calls this on every request, from a new thread
             report["archive"] = index.counts(today.isoformat())
+            report["archive"].update(refusal_counts(index, today.isoformat()))
         finally:
             index.close()
     else:
-        report["archive"] = {"instances": 0, "bytes": 0, "instances_today": 0, "bytes_today": 0}
+        report["archive"] = {"instances": 0, "bytes": 0, "instances_today": 0, "bytes_today": 0,
+                             "conversions_refused": 0, "conversions_refused_today": 0}
     quarantine_today = data_dir / "quarantine" / today.strftime("%Y%m%d")
     report["archive"]["rejected_today"] = (
         len(list(quarantine_today.glob("*.dcm"))) if quarantine_today.is_dir() else 0
@@ -131,7 +134,8 @@ def render(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"Images today:  {archive['instances_today']} ({size_text(archive['bytes_today'])}), "
-        f"rejected today: {archive['rejected_today']}",
+        f"rejected today: {archive['rejected_today']}, conversions refused today: "
+        f"{archive.get('conversions_refused_today', 0)}",
         f"Archive:       {archive['instances']} images ({size_text(archive['bytes'])})",
         f"Disk:          {size_text(disk['free_bytes'])} free of {size_text(disk['total_bytes'])}",
     ]

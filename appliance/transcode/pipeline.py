@@ -19,7 +19,8 @@ file too, and a crash or a slow lossy encode never costs a sender anything.
   When the conversion was tried and failed its check (a corrupt or
   mislabelled stream, a result that is not the source), the log line is a
   WARNING and the refusal is counted (`refusals.py`); when the syntax simply
-  cannot hold the image (16-bit data and JPEG Baseline), it is INFO.
+  cannot hold the image (16-bit data and JPEG Baseline), it is a WARNING too
+  (the object is not in the site's format), not counted as a refusal.
 """
 
 from __future__ import annotations
@@ -141,7 +142,9 @@ class Converter:
             self.refused += 1
             return "kept", one_line(exc)
         except CannotConvert as exc:
-            log.info("%s stays as received (%s): %s", one_line(uid, 80), name_of(stored), one_line(exc))
+            # Not a failed check (not counted), but the archive is not in the site's format for it.
+            log.warning("%s stays as received (%s), not stored as %s: %s", one_line(uid, 80),
+                        name_of(stored), name_of(target), one_line(exc))
             self.kept += 1
             return "kept", str(exc)
         received = dt.datetime.fromisoformat(row["received_at"])

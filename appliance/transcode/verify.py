@@ -124,6 +124,12 @@ class PixelCheck:
                       f"Rows x Columns x samples x bits need: {one_line(exc)}")
             raise ConversionRefused(reason) from None
         self.photometric = str(native.get("PhotometricInterpretation", ""))
+        problem = _container_problem(native, str(native.file_meta.TransferSyntaxUID))
+        if problem:
+            # pydicom hands back a JPEG-LS stream's 12-bit codes of signed data unextended where
+            # DCMTK sign-extends them: the stream reads as two different images.
+            raise ConversionRefused(f"{name_of(self.source)} decodes to {problem}: decoders differ on "
+                                    "such streams; kept as received")
         if self.second_opinion:
             self._second_opinion(native)
 
