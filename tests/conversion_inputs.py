@@ -60,6 +60,7 @@ def base_dataset(sop_class: str, modality: str = "OT", syntax: str = uid.Explici
     ds.StudyDate, ds.StudyTime, ds.StudyID = "20261201", "120000", "1"
     ds.AccessionNumber, ds.ReferringPhysicianName = "", ""
     ds.Modality, ds.SeriesNumber, ds.InstanceNumber = modality, 1, 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.Manufacturer = "Conversion matrix"
     ds.PatientOrientation, ds.Laterality = "", ""
     ds.ContentDate, ds.ContentTime = "20261201", "120000"

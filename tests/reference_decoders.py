@@ -261,8 +261,9 @@ def difference(expected: Decoded, got: Decoded, min_psnr: float | None) -> str |
     `min_psnr` None asks for the exact values in the same colour space; a
     number allows a lossy error (colour compared in RGB) down to that PSNR.
     """
-    if expected.values is None or got.values is None:
-        return f"{got.decoder}: {got.error or expected.error}"
+    for view in (got, expected):
+        if view.values is None:
+            return f"{view.decoder} refused it: {view.error}"
     if expected.values.shape != got.values.shape:
         return f"{got.decoder}: shape {got.values.shape}, expected {expected.values.shape}"
     if min_psnr is None:
