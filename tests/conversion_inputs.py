@@ -101,7 +101,8 @@ def pixel_module(ds: Dataset, array: np.ndarray, bits_allocated: int, bits_store
 
 
 def grey(bits_allocated: int, bits_stored: int, signed: bool, seed: int, sop_class: str = SC,
-         frames: int = 0, shape: tuple[int, int] = (ROWS, COLUMNS)) -> Dataset:
+         frames: int = 0, shape: tuple[int, int] = (ROWS, COLUMNS), photometric: str = "MONOCHROME2"
+         ) -> Dataset:
     low, high = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else \
         (0, (1 << bits_stored) - 1)
     array = ramp((frames, *shape) if frames else shape, low, high, seed)
@@ -110,7 +111,7 @@ def grey(bits_allocated: int, bits_stored: int, signed: bool, seed: int, sop_cla
         ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "US"
     if sop_class == MF_WORD_SC:
         ds.PresentationLUTShape = "IDENTITY"
-    return pixel_module(ds, array, bits_allocated, bits_stored, signed, "MONOCHROME2")
+    return pixel_module(ds, array, bits_allocated, bits_stored, signed, photometric)
 
 
 def colour_array(seed: int, frames: int = 0, shape: tuple[int, int] = (ROWS, COLUMNS)) -> np.ndarray:
@@ -223,6 +224,7 @@ NATIVE: dict[str, Callable[[], Dataset]] = {
     "s12": lambda: grey(16, 12, True, 4),
     "u16": lambda: grey(16, 16, False, 5),
     "s16": lambda: grey(16, 16, True, 6),
+    "mono1_u12": lambda: grey(16, 12, False, 27, photometric="MONOCHROME1"),  # white is 0: CR, DX
     "u32": lambda: grey(32, 32, False, 7),
     "s32": lambda: grey(32, 32, True, 8),
     "bitmap": lambda: bitmap(9),

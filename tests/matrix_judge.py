@@ -87,6 +87,7 @@ def output_problems(source: Source, target: str, out: Path, lossy_step: bool | N
     if source.untrusted:
         problems.append(f"converted although the source's decoders disagree ({source.untrusted})")
     ds = read(out)
+    original = read(source.path, stop_before_pixels=True)
     if str(ds.file_meta.TransferSyntaxUID) != target:
         problems.append(f"written as {ds.file_meta.TransferSyntaxUID.name}, asked for {uid.UID(target).name}")
     lossy = target in LOSSY_TARGETS if lossy_step is None else lossy_step
@@ -97,9 +98,15 @@ def output_problems(source: Source, target: str, out: Path, lossy_step: bool | N
             problems.append("lossy result without Lossy Image Compression 01")
         if ds.SOPInstanceUID == source.sop_instance_uid:
             problems.append("lossy result kept the SOP Instance UID of its original")
-    elif ds.SOPInstanceUID != source.sop_instance_uid:
-        problems.append("lossless result has a new SOP Instance UID")
-    original = read(source.path, stop_before_pixels=True)
+    else:
+        if ds.SOPInstanceUID != source.sop_instance_uid:
+            problems.append("lossless result has a new SOP Instance UID")
+        if ds.get("LossyImageCompression") == "01" and original.get("LossyImageCompression") != "01":
+            problems.append("lossless step marked the image lossy-compressed")
+        if original.get("LossyImageCompression") == "01" and ds.get("LossyImageCompression") != "01":
+            problems.append("lossless step reset Lossy Image Compression (PS3.3: never reset)")
+    if lossy and target != source.syntax and not ds.get("LossyImageCompressionMethod"):
+        problems.append("lossy result without Lossy Image Compression Method")
     for keyword in ("BitsStored", "PixelRepresentation", "NumberOfFrames", "SamplesPerPixel", "Rows",
                     "Columns"):
         if keyword in original and str(ds.get(keyword)) != str(original.get(keyword)):
