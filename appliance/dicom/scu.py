@@ -58,6 +58,8 @@ class SendResult:
     detail: str = ""
     # Conversions tried and refused by the check, (syntax, reason): the caller logs and counts them.
     refused: tuple[tuple[str, str], ...] = ()
+    # No syntax the destination accepted can carry this object: sending again cannot help.
+    unsendable: bool = False
 
 
 def set_nodelay(event: evt.Event) -> None:
@@ -141,6 +143,13 @@ class StoreSender:
             ae.add_requested_context(sop_class, syntax)
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
                              evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+        if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
+            offered = sorted({name_of(str(cx.transfer_syntax[0])) for cx in assoc.rejected_contexts})
+            detail = (f"{destination.ae_title} accepted none of the syntaxes offered ({', '.join(offered)}; "
+                      "Explicit VR Big Endian is never produced)")
+            for n, path, ds in readable:
+                results[n] = SendResult(path, str(ds.SOPInstanceUID), "", None, detail, unsendable=True)
+            return [r for r in results if r is not None]
         if not assoc.is_established:
             raise ConnectionError(
                 f"association with {destination.ae_title}@{destination.host}:{destination.port} "
@@ -196,4 +205,4 @@ class StoreSender:
             f"{destination.ae_title} accepted no syntax this object can be sent in "
             f"(offered {', '.join(name_of(s) for s in send_candidates(stored, destination.accepts))})"
         )
-        return SendResult(path, str(ds.SOPInstanceUID), stored, None, detail, tuple(refused))
+        return SendResult(path, str(ds.SOPInstanceUID), stored, None, detail, tuple(refused), unsendable=True)

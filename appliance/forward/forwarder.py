@@ -14,12 +14,15 @@ Two kinds of trouble, treated differently, because clinics suffer both:
 A C-ECHO every `echo_interval` while idle keeps the destination's health
 on the status page current.
 
-A third kind is ours: **a conversion the check refuses** (the stored
-stream is corrupt, or no syntax the destination accepted gives back the
-same image). The object is sent in another accepted syntax when one works;
-when none does, that job alone is marked failed at once (the check would
-refuse again), with the reasons. Either way one WARNING names the object
-and the reasons, and the refusal is counted for /metrics.
+A third kind is ours: **no syntax the destination accepted can carry the
+object** (the check refuses the conversion: a corrupt stored stream, a
+result that is not the source; or the syntax cannot hold the image: 16-bit
+data for a JPEG-Baseline-only viewer, or a destination that takes only Big
+Endian, which is never produced). The object is sent in another accepted
+syntax when one works; when none does, that job alone is marked failed at
+once (the same syntaxes would fail again), with the reasons. One WARNING
+names the object and the reasons; refusals by the check are counted for
+/metrics.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from appliance.config import DestinationSettings, ForwardSettings
 from appliance.dicom.scu import Destination, StoreSender, c_echo
 from appliance.forward.queue import SUCCESS_STATUSES, ForwardQueue, Job, backoff
 from appliance.transcode.convert import Quality
+from appliance.transcode.errors import one_line
 from appliance.transcode.refusals import report_refusal
 from appliance.transcode.syntaxes import name_of
 
@@ -140,9 +144,11 @@ class DestinationWorker(threading.Thread):
             return
         lost: list[Job] = []
         for job, result in zip(present, results, strict=True):
-            if result.refused:
+            if result.status is None and result.unsendable:  # no accepted syntax can carry it
+                self._unsendable(job, result)
+            elif result.refused:
                 self._report_refusal(job, result)
-            if result.status is None and result.refused:  # no accepted syntax passed the check
+            if result.status is None and result.unsendable:
                 self.queue.refused(job, f"not sent: {result.detail}"[:200], 0, 0, 0)
             elif result.status in SUCCESS_STATUSES:
                 self.queue.done(job, f"0x{result.status:04X}")
@@ -162,13 +168,20 @@ class DestinationWorker(threading.Thread):
             self.queue.release(lost, "association lost")
             self._unreachable(state, "association lost while sending")
 
-    def _report_refusal(self, job: Job, result) -> None:
-        """One WARNING and one counted refusal per object, whatever number of syntaxes failed."""
-        if result.status is None:
-            outcome = (f"not sent, job {job.id} marked failed (`appliance queue retry {job.id}` once "
-                       "the cause is fixed)")
+    def _unsendable(self, job: Job, result) -> None:
+        """Failed at once (the same syntaxes would fail again): one WARNING with the reasons."""
+        outcome = (f"not sent, job {job.id} marked failed (`appliance queue retry {job.id}` once the "
+                   "cause is fixed)")
+        if result.refused:
+            self._report_refusal(job, result, outcome)
         else:
-            outcome = f"sent as {name_of(result.transfer_syntax)} instead"
+            log.warning("%s: not sent to %s, job %d marked failed (`appliance queue retry %d` once the "
+                        "cause is fixed): %s", one_line(job.sop_instance_uid, 80), self.destination.name,
+                        job.id, job.id, one_line(result.detail))
+
+    def _report_refusal(self, job: Job, result, outcome: str = "") -> None:
+        """One WARNING and one counted refusal per object, whatever number of syntaxes failed."""
+        outcome = outcome or f"sent as {name_of(result.transfer_syntax)} instead"
         reason = "; ".join(f"{name_of(syntax)}: {why}" for syntax, why in result.refused)
         report_refusal(log, self.queue.index, job.sop_instance_uid, result.refused[0][0],
                        f"forward to {self.destination.name}", reason, outcome)

@@ -104,7 +104,7 @@ def convert(
         out.file_meta.TransferSyntaxUID = target
         _match_encoding(out, target)
         return Conversion(out, source, target, False, None)
-    check = PixelCheck(ds, source) if verify else None
+    check = PixelCheck(ds, source, target) if verify else None
     native = native_copy(ds, source, in_place)
     if check:
         check.decoded(native)
