@@ -6,18 +6,22 @@ original kept as received with one WARNING naming the object (for
 `appliance transcode`: a non-zero exit, a one-line error, no output file).
 dciodvfy finds no error in an output that it did not find in its input.
 
-Paths and how much of the matrix each runs (all within make test's budget):
+Paths and how much of the matrix each runs (52 kinds; about a minute and a
+half in all on two cores, most of it DCMTK/GDCM/dciodvfy subprocesses):
 
 - shared conversion (`convert.convert`, what every path calls): the full
-  cross product, in process;
+  cross product, 52 kinds × 16 target syntaxes, in process;
 - store format (`[storage] format`, the convert service's `Converter` in
-  process on a real archive): the full cross product of the configurations
-  a site can write (uncompressed; lossless and lossy with each syntax);
-- forward: a slice through the network, `StoreSender` to a DCMTK storescp
-  that accepts the one target syntax only (an association profile);
-- `appliance transcode IN OUT --to SYNTAX` as a subprocess: a slice with
-  one cell per trap (byte order, sign, high bits, colour, palette, corrupt,
-  mislabelled and size-mismatched streams, 32-bit and float data).
+  process on a real archive): the full cross product of the 13
+  configurations a site can write (uncompressed; lossless and lossy with
+  each syntax);
+- forward: an 18-cell slice through the network, the forwarder's worker
+  (`DestinationWorker`, whose `StoreSender` converts) sending to a DCMTK
+  storescp that accepts the one target syntax only (an association
+  profile); HTJ2K is not in it, DCMTK 3.6.7 cannot receive it;
+- `appliance transcode IN OUT --to SYNTAX` as a subprocess: a 25-cell
+  slice, one cell per trap (byte order, sign, high bits, colour, palette,
+  corrupt, mislabelled and size-mismatched streams, 32-bit and float data).
 
 Refusing everything is not a pass: every image the decoders agree on must
 be written uncompressed (Explicit VR Big Endian excepted: retired, PS3.5
