@@ -148,7 +148,7 @@ class StorageSettings:
         90, check_quality, "1-100: JPEG quality; J2K ratio 2+(100-q)/2; JPEG-LS NEAR; HTJ2K step"
     )
     lossy_min_psnr: float = _checked(
-        30.0, check_psnr, "a lossy result under this PSNR (dB) against its source is refused, original kept"
+        28.0, check_psnr, "a lossy result under this PSNR (dB) against its source is refused, original kept"
     )
 
     def syntax(self, format_class: str) -> str:
