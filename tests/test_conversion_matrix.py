@@ -183,6 +183,8 @@ def one_warning(caplog: pytest.LogCaptureFixture, sop_instance_uid: str) -> str 
     if len(named) != 1:
         seen = [f"{r.levelname} {r.getMessage()[:160]}" for r in caplog.records]
         return f"{len(named)} WARNING lines name {sop_instance_uid}; the log had: {seen}"
+    if "\n" in named[0].getMessage():
+        return f"the WARNING spans several lines: {named[0].getMessage()[:300]!r}"
     return None
 
 
