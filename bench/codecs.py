@@ -3,7 +3,7 @@
     .venv/bin/python bench/codecs.py            # what `make bench` runs (2.5-3 minutes)
     .venv/bin/python bench/codecs.py --quick    # a smoke test (under a minute)
 
-Issue 3 asks for numbers behind three choices: the default [storage]
+Numbers behind three choices: the default [storage]
 lossless_syntax, lossy_syntax and lossy_quality (speed and ratio), whether
 the appliance's pipeline costs much over the codecs it calls (target under
 10 %), and whether converting before the C-STORE response would delay a

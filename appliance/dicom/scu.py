@@ -1,9 +1,10 @@
 """Sending archived objects to a destination in a syntax it accepts (the send rule).
 
 For each object the association proposes the syntaxes the send rule allows,
-one presentation context per syntax (NOTES.md: as requestor, offer one
-syntax per context), in the destination's order of preference, closed by
-Explicit and Implicit VR Little Endian, which every DICOM node must take.
+one presentation context per syntax (an acceptor picks from a context's
+list in its own order, not ours), in the destination's order of
+preference, closed by Explicit and Implicit VR Little Endian, which every
+DICOM node must take.
 Once the destination has answered, each object is converted to the best
 syntax it actually accepted, through the verified conversion
 (`transcode.convert`); if that conversion is impossible (a codec cannot
@@ -13,7 +14,7 @@ syntax works for is not sent, and only that object: its result carries
 the reasons. pynetdicom never transcodes by itself: this module is where
 it happens.
 
-The forwarder (issue 4) drives `StoreSender` with its durable queue; the
+The forwarder drives `StoreSender` with its durable queue; the
 sender itself knows nothing of queues or retries.
 """
 
@@ -63,7 +64,7 @@ class SendResult:
 
 
 def set_nodelay(event: evt.Event) -> None:
-    """Nagle off on our requestor sockets too: ~40 ms per C-STORE otherwise (NOTES.md)."""
+    """Nagle off on our requestor sockets too: a C-STORE waits ~40 ms for the delayed ACK otherwise."""
     sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
