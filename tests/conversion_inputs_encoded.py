@@ -3,9 +3,9 @@
 DCMTK (dcmcjpeg, dcmcjpls, dcmcrle) encodes JPEG, JPEG-LS and RLE; GDCM
 (gdcmconv) JPEG 2000 lossless; pydicom's OpenJPEG encoder JPEG 2000 lossy;
 imagecodecs (OpenJPH) HTJ2K, which neither Debian's DCMTK nor GDCM write.
-Then the damaged ones a gateway meets in the field: a truncated and a
-garbled JPEG bitstream, JPEG-LS bytes labelled JPEG Baseline, and a JPEG
-whose frame is smaller than Rows × Columns.
+Then the damaged ones a gateway meets in the field: truncated streams of
+every codec, a garbled JPEG bitstream, one codec's bytes labelled as
+another's, and a JPEG whose frame is smaller than Rows × Columns.
 """
 
 from __future__ import annotations
@@ -101,13 +101,17 @@ def garble(frame: bytes) -> bytes:
     return frame[:middle] + junk + frame[middle + 48:]
 
 
-def _mislabelled(directory: Path, out: Path) -> None:
-    """JPEG-LS bytes under the JPEG Baseline transfer syntax (a vendor's mislabelling)."""
-    ENCODED["jpegls_u8"](directory, out)
-    ds = pydicom.dcmread(out)
-    ds.file_meta.TransferSyntaxUID = uid.JPEGBaseline8Bit
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid.generate_uid()
-    ds.save_as(out, enforce_file_format=True)
+def _relabelled(source: str, syntax: str) -> Callable[[Path, Path], None]:
+    """An ENCODED kind's bytes under another transfer syntax."""
+
+    def make(directory: Path, out: Path) -> None:
+        ENCODED[source](directory, out)
+        ds = pydicom.dcmread(out)
+        ds.file_meta.TransferSyntaxUID = syntax
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid.generate_uid()
+        ds.save_as(out, enforce_file_format=True)
+
+    return make
 
 
 def _size_mismatch(directory: Path, out: Path) -> None:
@@ -145,7 +149,15 @@ ENCODED: dict[str, Callable[[Path, Path], None]] = {
 ENCODED.update({
     "corrupt_jpeg_truncated": _damaged("jpeg_baseline_grey", truncate),
     "corrupt_jpeg_garbled": _damaged("jpeg_baseline_grey", garble),
-    "mislabelled_jpegls_as_baseline": _mislabelled,
+    # Each of these, one decoder of the two still "decodes": dcmdrle the RLE, pydicom the
+    # JPEG-LS, OpenJPH the HTJ2K; GDCM and pydicom both refuse the JPEG 2000.
+    "corrupt_rle_truncated": _damaged("rle_u12", truncate),
+    "corrupt_jpegls_truncated": _damaged("jpegls_u12", truncate),
+    "corrupt_j2k_truncated": _damaged("j2k_lossless_u12", truncate),
+    "corrupt_htj2k_truncated": _damaged("htj2k_lossless_u12", truncate),
+    # A vendor's mislabelling: the bytes of one codec under another's transfer syntax.
+    "mislabelled_jpegls_as_baseline": _relabelled("jpegls_u8", uid.JPEGBaseline8Bit),
+    "mislabelled_j2k_as_jpegls": _relabelled("j2k_lossless_u12", uid.JPEGLSLossless),
     "jpeg_size_mismatch": _size_mismatch,
 })
 

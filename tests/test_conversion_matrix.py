@@ -6,20 +6,20 @@ original kept as received with one WARNING naming the object (for
 `appliance transcode`: a non-zero exit, a one-line error, no output file).
 dciodvfy finds no error in an output that it did not find in its input.
 
-Paths and how much of the matrix each runs (52 kinds; about a minute and a
+Paths and how much of the matrix each runs (57 kinds; about a minute and a
 half in all on two cores, most of it DCMTK/GDCM/dciodvfy subprocesses):
 
 - shared conversion (`convert.convert`, what every path calls): the full
-  cross product, 52 kinds × 16 target syntaxes, in process;
+  cross product, 57 kinds × 16 target syntaxes, in process;
 - store format (`[storage] format`, the convert service's `Converter` in
   process on a real archive): the full cross product of the 13
   configurations a site can write (uncompressed; lossless and lossy with
   each syntax);
-- forward: an 18-cell slice through the network, the forwarder's worker
+- forward: a 20-cell slice through the network, the forwarder's worker
   (`DestinationWorker`, whose `StoreSender` converts) sending to a DCMTK
   storescp that accepts the one target syntax only (an association
   profile); HTJ2K is not in it, DCMTK 3.6.7 cannot receive it;
-- `appliance transcode IN OUT --to SYNTAX` as a subprocess: a 25-cell
+- `appliance transcode IN OUT --to SYNTAX` as a subprocess: a 28-cell
   slice, one cell per trap (byte order, sign, high bits, colour, palette,
   corrupt, mislabelled and size-mismatched streams, 32-bit and float data).
 
@@ -88,8 +88,9 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> Sources:
 
 # Kinds the decoders must disagree on (or one refuse): if they ever agreed, the cells
 # asserting these are kept as received would prove nothing.
-UNTRUSTED = {"corrupt_jpeg_truncated", "corrupt_jpeg_garbled", "mislabelled_jpegls_as_baseline",
-             "jpeg_size_mismatch",
+UNTRUSTED = {"corrupt_jpeg_truncated", "corrupt_jpeg_garbled", "corrupt_rle_truncated",
+             "corrupt_jpegls_truncated", "corrupt_j2k_truncated", "corrupt_htj2k_truncated",
+             "mislabelled_jpegls_as_baseline", "mislabelled_j2k_as_jpegls", "jpeg_size_mismatch",
              "jpegls_s12_unextended"}  # DCMTK sign-extends the 12-bit samples; pydicom does not
 # Kinds dciodvfy objects to, made all the same because modalities send them.
 UNCLEAN = {
@@ -142,7 +143,9 @@ TRANSCODE_SLICE = [
     ("multiframe_rgb", uid.JPEG2000), ("u32", uid.JPEGLSLossless), ("dose_float", uid.RLELossless),
     ("corrupt_jpeg_truncated", uid.ExplicitVRLittleEndian),
     ("corrupt_jpeg_garbled", uid.ExplicitVRLittleEndian),
+    ("corrupt_jpegls_truncated", uid.RLELossless), ("corrupt_rle_truncated", uid.JPEGLSLossless),
     ("mislabelled_jpegls_as_baseline", uid.ExplicitVRLittleEndian),
+    ("mislabelled_j2k_as_jpegls", uid.ExplicitVRLittleEndian),
     ("jpeg_size_mismatch", uid.ExplicitVRLittleEndian),
     ("htj2k_lossless_u12", uid.JPEGLSLossless), ("deflated_u12", uid.HTJ2KLossless),
     ("u16", uid.HTJ2K),
@@ -241,6 +244,8 @@ FORWARD_SLICE = [
     ("s12_unextended", uid.JPEG2000Lossless), ("u12_highbits", uid.JPEGLSLossless),
     ("jpegls_s12_unextended", uid.ImplicitVRLittleEndian),
     ("corrupt_jpeg_truncated", uid.ExplicitVRLittleEndian),
+    ("corrupt_jpegls_truncated", uid.ExplicitVRLittleEndian),
+    ("corrupt_htj2k_truncated", uid.ExplicitVRLittleEndian),
     ("mislabelled_jpegls_as_baseline", uid.ExplicitVRLittleEndian),
     ("jpeg_size_mismatch", uid.ImplicitVRLittleEndian), ("u32", uid.JPEGLSLossless),
     ("multiframe_rgb", uid.RLELossless), ("u16", uid.JPEG2000), ("rgb_planar1", uid.JPEGLSNearLossless),
