@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom import uid
 from pydicom.pixels import convert_color_space
 
-from appliance.commands.transcode import CANNOT_HOLD, REFUSED, UNREADABLE_INPUT
+from appliance.commands.transcode import CANNOT_HOLD, CANNOT_WRITE, REFUSED, UNREADABLE_INPUT
 from tests import bad_inputs
 from tests.bad_inputs import read, save
 from tests.conftest import TEST_FILES, run_cli, write_config
@@ -26,8 +27,9 @@ def transcode(tmp_path: Path):
     config = write_config(tmp_path / "a.toml", {"data_dir": str(tmp_path / "d")})
 
     def run(source: Path, target: str, out: Path | None = None) -> tuple[subprocess.CompletedProcess, Path]:
-        out = out or tmp_path / "out" / f"{source.stem}-{target}.dcm"
-        out.parent.mkdir(exist_ok=True)
+        if out is None:
+            out = tmp_path / "out" / f"{source.stem}-{target}.dcm"
+            out.parent.mkdir(exist_ok=True)
         return run_cli(config, "transcode", str(source), str(out), "--to", target, check=False), out
 
     return run
@@ -169,3 +171,22 @@ def test_a_refused_conversion_leaves_an_existing_output_untouched(transcode, tmp
     result, _ = transcode(source, "uncompressed", out)
     assert result.returncode == REFUSED and out.read_bytes() == b"previous result"
     assert [p.name for p in out.parent.iterdir()] == ["kept.dcm"]
+
+
+def test_an_output_folder_that_does_not_exist_is_one_line(transcode, tmp_path: Path) -> None:
+    source = TEST_FILES / "CT_small.dcm"
+    out = tmp_path / "no" / "such" / "folder.dcm"
+    result, _ = transcode(source, "lossless", out)
+    assert result.returncode == CANNOT_WRITE and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert str(out) in line and "cannot write" in line
+
+
+def test_in_place_transcode_replaces_the_file_only_when_verified(transcode, tmp_path: Path) -> None:
+    source = tmp_path / "ct.dcm"
+    source.write_bytes((TEST_FILES / "CT_small.dcm").read_bytes())
+    result, _ = transcode(source, "lossless", source)
+    assert result.returncode == 0, result.stderr
+    assert read(source).file_meta.TransferSyntaxUID == uid.JPEGLSLossless
+    assert (read(source).pixel_array == read(TEST_FILES / "CT_small.dcm").pixel_array).all()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
