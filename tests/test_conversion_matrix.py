@@ -79,6 +79,14 @@ def must_convert(source: Source, target: str) -> bool:
     return bits is not None and (target in LOSSLESS or target in LOSSY_FOR_BITS[bits])
 
 
+@pytest.fixture
+def archive(tmp_path: Path) -> Iterator[Archive]:
+    """A fresh archive; its index connection closed after the test (hundreds of cells)."""
+    made = Archive(tmp_path / "data")
+    yield made
+    made.index.close()
+
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> Sources:
     return Sources(tmp_path_factory.mktemp("inputs"))
@@ -200,13 +208,12 @@ STORE_CONFIGS = [("uncompressed", uid.ExplicitVRLittleEndian),
 @pytest.mark.parametrize(("store_format", "target"), STORE_CONFIGS,
                          ids=[f"{f}-{name(t)}" for f, t in STORE_CONFIGS])
 @pytest.mark.parametrize("kind", KINDS)
-def test_store_format(kind: str, store_format: str, target: str, sources: Sources, tmp_path: Path,
+def test_store_format(kind: str, store_format: str, target: str, sources: Sources, archive: Archive,
                       caplog: pytest.LogCaptureFixture) -> None:
     source = sources.get(kind)
     storage = StorageSettings(format=store_format,
                               lossless_syntax=target if store_format == "lossless" else uid.JPEGLSLossless,
                               lossy_syntax=target if store_format == "lossy" else uid.JPEG2000)
-    archive = Archive(tmp_path / "data")
     policy = StorePolicy(storage)
     archive.on_indexed.append(policy.queue_conversion)
     archive.ingest_copy(source.path, calling_ae="MODALITY", source="matrix")
@@ -262,12 +269,11 @@ def only_one_syntax(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OneSyn
 
 @pytest.mark.parametrize(("kind", "target"), FORWARD_SLICE,
                          ids=[f"{k}-{name(t)}" for k, t in FORWARD_SLICE])
-def test_forward(kind: str, target: str, sources: Sources, only_one_syntax: OneSyntaxPeers, tmp_path: Path,
-                 caplog: pytest.LogCaptureFixture) -> None:
+def test_forward(kind: str, target: str, sources: Sources, only_one_syntax: OneSyntaxPeers,
+                 archive: Archive, caplog: pytest.LogCaptureFixture) -> None:
     source = sources.get(kind)
     port, received = only_one_syntax.peer(target)
     before = set(received.iterdir())
-    archive = Archive(tmp_path / "data")
     archive.ingest_copy(source.path, calling_ae="MODALITY", source="matrix")
     queue = ForwardQueue(archive.index)
     queue.enqueue([source.sop_instance_uid], "picky")
@@ -281,6 +287,8 @@ def test_forward(kind: str, target: str, sources: Sources, only_one_syntax: OneS
     arrived = sorted(set(received.iterdir()) - before)
     if job["state"] != "done":
         assert arrived == [], f"{kind}: job {job['state']}, yet storescp received {arrived}"
+        # Fails alone, at once and with the reason: another try would meet the same image.
+        assert job["state"] == "failed" and job["last_status"], f"{kind}: not sent, job left {job}"
         (row,) = archive.index.find()
         assert (archive.data_dir / row["path"]).read_bytes() == source.path.read_bytes()
         assert not must_convert(source, target), f"{kind} not sent as {name(target)}: {job}"
