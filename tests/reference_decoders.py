@@ -285,6 +285,24 @@ def difference(expected: Decoded, got: Decoded, min_psnr: float | None) -> str |
     return None
 
 
+def jpeg_ls_near(path: Path) -> int | None:
+    """The largest NEAR of a JPEG-LS file's scans (ISO 14495-1 C.2.3: each SOS carries it).
+
+    Near-lossless JPEG-LS promises every sample within NEAR of the original:
+    that, not a PSNR, is the bound its results are held to.
+    """
+    ds = _read(path)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    nears: list[int] = []
+    for stream in generate_frames(ds.PixelData, number_of_frames=frames):
+        at = stream.find(b"\xff\xda")
+        while at != -1:
+            components = stream[at + 4]
+            nears.append(stream[at + 5 + 2 * components])
+            at = stream.find(b"\xff\xda", at + 2)
+    return max(nears) if nears else None
+
+
 def dciodvfy_errors(path: Path) -> frozenset[str]:
     """dciodvfy's Error lines for a file, cached.
 
