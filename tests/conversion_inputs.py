@@ -32,7 +32,11 @@ STUDY = uid.generate_uid()
 
 
 def ramp(shape: tuple[int, ...], low: int, high: int, seed: int) -> np.ndarray:
-    """A smooth diagonal ramp from `low` to `high` with ~1 % noise, as int64."""
+    """A smooth diagonal ramp from `low` to `high` with ~1 % noise, as int64.
+
+    Each frame's first and last pixels hold `low` and `high` themselves: the
+    extremes are where codecs overflow and signed data wraps.
+    """
     rows, columns = shape[-2], shape[-1]
     y, x = np.mgrid[0:rows, 0:columns]
     base = (x / max(1, columns - 1) + y / max(1, rows - 1)) / 2
@@ -42,6 +46,7 @@ def ramp(shape: tuple[int, ...], low: int, high: int, seed: int) -> np.ndarray:
     noise = np.random.default_rng(seed).normal(0, 0.01, (frames, rows, columns))
     scaled = low + np.clip(values + noise, 0, 1) * (high - low)
     out = np.rint(scaled).astype(np.int64)
+    out[:, 0, 0], out[:, -1, -1] = low, high
     return out if len(shape) == 3 else out[0]
 
 

@@ -50,10 +50,18 @@ def _pydicom_j2k_lossy(directory: Path, out: Path) -> None:
     ds.save_as(out, enforce_file_format=True)
 
 
-def _htj2k(kind: str, lossless: bool) -> Callable[[Path, Path], None]:
+def _htj2k(kind: str, lossless: bool, headroom: int = 0) -> Callable[[Path, Path], None]:
+    """HTJ2K by OpenJPH. `headroom` keeps values that far from 0 and the maximum: a lossy
+    stream whose reconstruction overshoots the maximum is read differently by OpenJPH
+    (which wraps 256 to 0) and OpenJPEG (which clips to 255)."""
+
     def make(directory: Path, out: Path) -> None:
         ds = NATIVE[kind]()
         array = ds.pixel_array
+        if headroom:
+            top = (1 << int(ds.BitsStored)) - 1
+            array = np.clip(array, headroom, top - headroom).astype(array.dtype)
+            ds.PixelData = array.tobytes()
         frames = array if int(ds.get("NumberOfFrames", 1) or 1) > 1 else array[None]
         encoded = [imagecodecs.htj2k_encode(np.ascontiguousarray(f), reversible=lossless,
                                             level=None if lossless else 0.004) for f in frames]
@@ -144,7 +152,8 @@ ENCODED: dict[str, Callable[[Path, Path], None]] = {
     "j2k_lossless_rgb": _tool("rgb_planar0", "gdcmconv", "--j2k"),
     "j2k_lossy_u12": _pydicom_j2k_lossy,
     "htj2k_lossless_u12": _htj2k("u12", True),
-    "htj2k_lossy_u8": _htj2k("u8", False),
+    "htj2k_lossy_u8": _htj2k("u8", False, headroom=8),
+    "htj2k_lossy_u8_overshoot": _htj2k("u8", False),
 }
 ENCODED.update({
     "corrupt_jpeg_truncated": _damaged("jpeg_baseline_grey", truncate),

@@ -141,6 +141,12 @@ def worst_error(expected: Decoded, got: Decoded, lossy: bool, near: int | None) 
         return None
     if expected.values.shape != got.values.shape:
         return None  # difference() has said so
+    bottom = -(1 << (expected.bits_stored - 1)) if expected.signed else 0
+    top = (1 << (expected.bits_stored - int(expected.signed))) - 1
+    outside = int(np.count_nonzero((got.values < bottom) | (got.values > top)))
+    if outside:
+        return (f"{got.decoder}: {outside} sample(s) outside the {expected.bits_stored}-bit range "
+                f"{bottom}..{top} (got {got.values.min()}..{got.values.max()}): Bits Stored cannot hold them")
     error = np.abs(expected.values - got.values)
     worst = int(error.max(initial=0))
     limit = near if near is not None else (1 << expected.bits_stored) // 4

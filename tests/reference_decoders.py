@@ -56,6 +56,7 @@ class Decoded:
     bits_stored: int = 0
     bits_allocated: int = 0
     error: str = ""
+    signed: bool = False  # Pixel Representation 1
 
 
 _CACHE: dict[tuple[str, str], Decoded] = {}
@@ -129,7 +130,7 @@ def native_values(ds: pydicom.Dataset, decoder: str) -> Decoded:
     if samples > 1 and int(ds.get("PlanarConfiguration", 0)) == 1 and photometric != "YBR_FULL_422":
         values = values.reshape(frames, samples, rows, columns).transpose(0, 2, 3, 1)
     return Decoded(decoder, values.reshape(frames, rows, columns, samples),
-                   SPACE.get(photometric, photometric), stored, allocated)
+                   SPACE.get(photometric, photometric), stored, allocated, signed=signed)
 
 
 def _tool_for(syntax: str) -> list[str] | None:
@@ -185,7 +186,7 @@ def _openjph(path: Path) -> Decoded:
     values = standard_values(array.view(array.dtype.str.replace("i", "u")), int(ds.BitsStored), signed)
     photometric = str(ds.PhotometricInterpretation)
     return Decoded("OpenJPH", values, SPACE.get(photometric, photometric), int(ds.BitsStored),
-                   int(ds.BitsAllocated))
+                   int(ds.BitsAllocated), signed=signed)
 
 
 def pydicom_decode(path: Path) -> Decoded:
@@ -214,7 +215,8 @@ def _pydicom(path: Path) -> Decoded:
         return Decoded("pydicom", None, error=f"{array.size} samples for {frames}x{rows}x{columns}x{samples}")
     photometric = str(meta.get("photometric_interpretation", ds.PhotometricInterpretation))
     return Decoded("pydicom", array.astype(np.int64).reshape(frames, rows, columns, samples),
-                   SPACE.get(photometric, photometric), int(ds.BitsStored), int(ds.BitsAllocated))
+                   SPACE.get(photometric, photometric), int(ds.BitsStored), int(ds.BitsAllocated),
+                   signed=int(ds.get("PixelRepresentation", 0)) == 1)
 
 
 def _pydicom_native(ds: pydicom.Dataset) -> Decoded:
@@ -235,7 +237,8 @@ def _pydicom_native(ds: pydicom.Dataset) -> Decoded:
     raw = array.astype(np.int64)
     values = standard_values(raw, int(ds.BitsStored), signed)
     return Decoded("pydicom", values.reshape(frames, rows, columns, samples),
-                   SPACE.get(photometric, photometric), int(ds.BitsStored), int(ds.BitsAllocated))
+                   SPACE.get(photometric, photometric), int(ds.BitsStored), int(ds.BitsAllocated),
+                   signed=signed)
 
 
 def as_rgb(decoded: Decoded) -> np.ndarray:
