@@ -155,7 +155,9 @@ def palette(entry_bits: int, seed: int) -> Dataset:
     indices = ramp((ROWS, COLUMNS), 0, 255, seed)
     ds = pixel_module(base_dataset(SC), indices, 8, 8, False, "PALETTE COLOR")
     top = (1 << entry_bits) - 1
-    ramp_lut = np.linspace(0, top, 256)
+    # A gamma curve, not a straight line: a straight 16-bit ramp is k × 257, whose two
+    # bytes are equal, and would hide a LUT whose bytes were never swapped.
+    ramp_lut = top * np.linspace(0, 1, 256) ** 0.6
     for name, lut in (("Red", ramp_lut), ("Green", top - ramp_lut), ("Blue", (ramp_lut * 3) % (top + 1))):
         setattr(ds, f"{name}PaletteColorLookupTableDescriptor", [256, 0, entry_bits])
         # 8-bit entries are packed two to a 16-bit word (OW), as dciodvfy and DCMTK read them.

@@ -24,7 +24,7 @@ import hashlib
 import subprocess
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import imagecodecs
@@ -32,7 +32,7 @@ import numpy as np
 import pydicom
 from pydicom import uid
 from pydicom.encaps import generate_frames
-from pydicom.pixels import convert_color_space, get_decoder
+from pydicom.pixels import apply_color_lut, convert_color_space, get_decoder
 
 LOSSY_SYNTAXES = {uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit, uid.JPEGLSNearLossless, uid.JPEG2000,
                   uid.HTJ2K}
@@ -57,6 +57,7 @@ class Decoded:
     bits_allocated: int = 0
     error: str = ""
     signed: bool = False  # Pixel Representation 1
+    colours: np.ndarray | None = None  # PALETTE COLOR: the indices through the file's own LUTs
 
 
 _CACHE: dict[tuple[str, str], Decoded] = {}
@@ -129,8 +130,21 @@ def native_values(ds: pydicom.Dataset, decoder: str) -> Decoded:
     values = standard_values(raw, stored, signed)
     if samples > 1 and int(ds.get("PlanarConfiguration", 0)) == 1 and photometric != "YBR_FULL_422":
         values = values.reshape(frames, samples, rows, columns).transpose(0, 2, 3, 1)
-    return Decoded(decoder, values.reshape(frames, rows, columns, samples),
-                   SPACE.get(photometric, photometric), stored, allocated, signed=signed)
+    values = values.reshape(frames, rows, columns, samples)
+    return Decoded(decoder, values, SPACE.get(photometric, photometric), stored, allocated, signed=signed,
+                   colours=palette_colours(ds, values))
+
+
+def palette_colours(ds: pydicom.Dataset, values: np.ndarray) -> np.ndarray | None:
+    """The RGB a viewer shows for PALETTE COLOR indices, through the dataset's LUTs.
+
+    Only for little endian datasets: pydicom 3.0 reads a Big Endian file's
+    LUT data as little endian (wrong colours), so a Big Endian source is
+    judged by DCMTK's little endian copy of it alone.
+    """
+    if ds.get("PhotometricInterpretation") != "PALETTE COLOR" or not ds.original_encoding[1]:
+        return None
+    return apply_color_lut(values[..., 0].astype(np.uint16), ds)
 
 
 def _tool_for(syntax: str) -> list[str] | None:
@@ -170,7 +184,10 @@ def _reference(path: Path) -> Decoded:
                      if line.startswith(("E:", "F:")) or "Corrupt" in line or "rror" in line]
         if done.returncode != 0 or complaint or not out.exists():
             return Decoded(name, None, error=f"exit {done.returncode}: {' '.join(complaint)[:200]}")
-        return native_values(_read(out), name)
+        decoded = native_values(_read(out), name)
+        if command[0] == "gdcmconv":  # it rewrites 16-bit palette LUTs to 8-bit precision
+            decoded = replace(decoded, colours=None)
+        return decoded
 
 
 def _openjph(path: Path) -> Decoded:
@@ -214,9 +231,10 @@ def _pydicom(path: Path) -> Decoded:
     if array.size != frames * rows * columns * samples:
         return Decoded("pydicom", None, error=f"{array.size} samples for {frames}x{rows}x{columns}x{samples}")
     photometric = str(meta.get("photometric_interpretation", ds.PhotometricInterpretation))
-    return Decoded("pydicom", array.astype(np.int64).reshape(frames, rows, columns, samples),
-                   SPACE.get(photometric, photometric), int(ds.BitsStored), int(ds.BitsAllocated),
-                   signed=int(ds.get("PixelRepresentation", 0)) == 1)
+    values = array.astype(np.int64).reshape(frames, rows, columns, samples)
+    return Decoded("pydicom", values, SPACE.get(photometric, photometric), int(ds.BitsStored),
+                   int(ds.BitsAllocated), signed=int(ds.get("PixelRepresentation", 0)) == 1,
+                   colours=palette_colours(ds, values))
 
 
 def _pydicom_native(ds: pydicom.Dataset) -> Decoded:
@@ -277,6 +295,9 @@ def difference(expected: Decoded, got: Decoded, min_psnr: float | None) -> str |
             return (f"{got.decoder}: {wrong} of {got.values.size} samples differ "
                     f"(range {got.values.min()}..{got.values.max()}, "
                     f"expected {expected.values.min()}..{expected.values.max()})")
+        if got.colours is not None and expected.colours is not None and (
+                got.colours.shape != expected.colours.shape or np.any(got.colours != expected.colours)):
+            return f"{got.decoder}: same palette indices, other colours (the LUTs changed)"
         return None
     colour = {"RGB", "YBR_FULL"}
     if (got.space in colour) != (expected.space in colour) or (
