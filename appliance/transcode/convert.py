@@ -120,7 +120,8 @@ def convert(
     except Exception as exc:  # an element pydicom cannot parse: bad input, not a bug here
         raise ConversionRefused(f"an element cannot be decoded for re-encoding: {one_line(exc)}") from None
     if check:
-        measured = check.judge(result.dataset, target, min_psnr)
+        near = quality.jpeg_ls_near() if target == uid.JPEGLSNearLossless else None
+        measured = check.judge(result.dataset, target, min_psnr, max_error=near)
         if measured is not None:
             result = Conversion(result.dataset, source, target, result.lossy, result.ratio, measured)
     return result
@@ -141,7 +142,7 @@ def _refuse_by_rule(ds: Dataset, source: str, target: str) -> None:
         elif target not in UNCOMPRESSED:
             raise CannotConvert("object has no pixel data to compress")
     elif target in LOSSY:
-        refuse_lossy_for(ds)
+        refuse_lossy_for(ds, target)
 
 
 def _match_encoding(ds: Dataset, target: str) -> None:

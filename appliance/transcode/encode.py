@@ -111,7 +111,13 @@ def encode(native: Dataset, target: str, quality: Quality) -> tuple[list[bytes],
         # extended: pydicom's JPEG-LS decoder does not sign-extend narrower
         # samples, and every decoder reads the full-width stream right.
         width = frames.dtype.itemsize * 8 if frames.dtype.kind == "i" else bits_stored
-        encoded = [imagecodecs.jpegls_encode(_unsigned(f, width), level=near) for f in frames]
+        if near:
+            # Near-lossless through pyjpegls told Bits Stored, so MAXVAL is 2^BitsStored - 1 and the
+            # reconstruction is clamped there: at 16 bits a 4095 could come back as 4096, which a
+            # 12-bit reader shows as 0 (imagecodecs takes the width from the data).
+            encoded = [_jpeg_ls_near(native, _unsigned(f, width), near) for f in frames]
+        else:
+            encoded = [imagecodecs.jpegls_encode(_unsigned(f, width), level=0) for f in frames]
     elif target == uid.JPEG2000Lossless:
         # Colour goes through the reversible colour transform (PS3.5 8.2.4: YBR_RCT).
         encoded = [imagecodecs.jpeg2k_encode(np.ascontiguousarray(f), level=0, codecformat="J2K",
@@ -171,6 +177,19 @@ def _j2k_lossy(native: Dataset, frame: np.ndarray, quality: Quality) -> bytes:
         number_of_frames=1, planar_configuration=0,
         j2k_cr=[quality.j2k_ratio() * int(native.BitsStored) / int(native.BitsAllocated)],
         use_mct=True,
+    )
+
+
+def _jpeg_ls_near(native: Dataset, frame: np.ndarray, near: int) -> bytes:
+    from pydicom.pixels.encoders import JPEGLSNearLosslessEncoder
+
+    return JPEGLSNearLosslessEncoder.encode(
+        np.ascontiguousarray(frame).tobytes(),
+        rows=int(native.Rows), columns=int(native.Columns),
+        samples_per_pixel=int(native.get("SamplesPerPixel", 1)),
+        bits_allocated=int(native.BitsAllocated), bits_stored=int(native.BitsStored),
+        pixel_representation=0, photometric_interpretation=str(native.PhotometricInterpretation),
+        number_of_frames=1, planar_configuration=0, jls_error=near,
     )
 
 

@@ -11,8 +11,12 @@ them, then judges the result by decoding it again with pydicom:
   YBR_FULL samples it expands to, and RGB coded with JPEG 2000's reversible
   transform (YBR_RCT, which decoders undo to the same RGB).
 - lossy targets must keep the colour model (grey stays the same grey,
-  colour stays colour) and their PSNR against the source, over the full
-  Bits Stored range, must reach [storage] lossy_min_psnr.
+  colour stays colour), hold values within Bits Stored, be off by no more
+  than NEAR in any sample for JPEG-LS near-lossless (ISO 14495-1's promise)
+  and, for greyscale, by no more than a quarter of the Bits Stored range (a codec
+  blurs, it never turns black into white: the PSNR averages one such pixel
+  away), and their PSNR against the source, over the full Bits Stored
+  range, must reach [storage] lossy_min_psnr.
 
 "Stored values" are those the standard defines: the low Bits Stored bits
 of each sample, sign-extended when Pixel Representation is 1 (pydicom reads
@@ -73,8 +77,17 @@ def psnr(reference: np.ndarray, test: np.ndarray, bits_stored: int) -> float:
     return float(10 * np.log10(peak * peak / error))
 
 
-def refuse_lossy_for(ds: Dataset) -> None:
-    """Index-valued and bitmap images never go through a lossy codec (CannotConvert says why)."""
+# Codecs that code unsigned samples only: signed data goes as its two's complement bit pattern,
+# where -1 and 0 are 65535 and 0 apart and the sign boundary (-2048 | 2047 for 12 bits, a common
+# CT padding value) sits mid-range: a lossy step there turns black into white.
+UNSIGNED_LOSSY = (uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit, uid.JPEGLSNearLossless)
+
+
+def refuse_lossy_for(ds: Dataset, target: str) -> None:
+    """Images a lossy codec would not just blur but change (CannotConvert says why)."""
+    if target in UNSIGNED_LOSSY and int(ds.get("PixelRepresentation", 0)) == 1:
+        raise CannotConvert(f"{name_of(target)} codes unsigned samples: signed data would wrap at its "
+                            "sign boundary in a lossy step")
     photometric = str(ds.get("PhotometricInterpretation", ""))
     if photometric in INDEX_VALUED_PHOTOMETRICS:
         raise CannotConvert(f"{photometric} pixels are palette indices: never lossy-compressed")
@@ -157,7 +170,8 @@ class PixelCheck:
         if self.container_problem:
             raise ConversionRefused(self.container_problem + "; kept as received, never re-interpreted")
 
-    def judge(self, result: Dataset, target: str, min_psnr: float) -> float | None:
+    def judge(self, result: Dataset, target: str, min_psnr: float,
+              max_error: int | None = None) -> float | None:
         """Refuse a result that is not the source; the PSNR for a lossy one (None when lossless)."""
         header = _header(result)
         if self.copied:
@@ -179,8 +193,9 @@ class PixelCheck:
             if target in FAST_LOSSY_JPEG:
                 decoded = _second_decode(result.PixelData, target, result, header["NumberOfFrames"],
                                          photometric)
-            else:
-                decoded = _decoded(result, target, as_rgb=lossy, plugin=plugin)
+            else:  # JPEG-LS holds the samples as stored (no colour transform): judged as such
+                in_rgb = lossy and target != uid.JPEGLSNearLossless
+                decoded = _decoded(result, target, as_rgb=in_rgb, plugin=plugin)
         except Exception as exc:
             raise ConversionRefused(f"{name_of(target)} result cannot be decoded: {one_line(exc)}") from None
         if decoded.shape != self.reference.shape:
@@ -199,7 +214,22 @@ class PixelCheck:
         if model != COLOUR_MODELS.get(self.photometric, self.photometric):
             raise ConversionRefused(f"{name_of(target)} result is {photometric}, the source "
                                     f"{self.photometric}: another colour model")
-        quality = psnr(self._as_rgb(), decoded, self.header["BitsStored"] or 8)
+        bits = self.header["BitsStored"] or 8
+        signed = self.header["PixelRepresentation"] == 1
+        low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+        if decoded.size and (int(decoded.min()) < low or int(decoded.max()) > high):
+            raise ConversionRefused(f"{name_of(target)} result holds values outside Bits Stored ({bits}): "
+                                    f"{int(decoded.min())}..{int(decoded.max())}")
+        reference = self.reference if target == uid.JPEGLSNearLossless else self._as_rgb()
+        worst = int(np.max(np.abs(reference.astype(np.int64) - decoded))) if decoded.size else 0
+        # Colour is exempt from the quarter-range rule: 4:2:2 chroma at a sharp coloured edge
+        # (burnt-in text) legitimately moves one channel further.
+        grey = self.header["SamplesPerPixel"] == 1
+        limit = max_error if max_error is not None else (1 << bits) // 4 if grey else 1 << bits
+        if worst > limit:
+            raise ConversionRefused(f"{name_of(target)} result is {worst} off the source in a sample "
+                                    f"(at most {limit} allowed): a codec blurs, it never inverts")
+        quality = psnr(reference, decoded, bits)
         if quality < min_psnr:
             raise ConversionRefused(f"{name_of(target)} result is {quality:.1f} dB PSNR from the source, "
                                     f"under the {min_psnr:g} dB bound ([storage] lossy_min_psnr)")
