@@ -221,14 +221,16 @@ class PixelCheck:
             raise ConversionRefused(f"{name_of(target)} result holds values outside Bits Stored ({bits}): "
                                     f"{int(decoded.min())}..{int(decoded.max())}")
         reference = self.reference if target == uid.JPEGLSNearLossless else self._as_rgb()
-        worst = int(np.max(np.abs(reference.astype(np.int64) - decoded))) if decoded.size else 0
         # Colour is exempt from the quarter-range rule: 4:2:2 chroma at a sharp coloured edge
         # (burnt-in text) legitimately moves one channel further.
         grey = self.header["SamplesPerPixel"] == 1
-        limit = max_error if max_error is not None else (1 << bits) // 4 if grey else 1 << bits
-        if worst > limit:
-            raise ConversionRefused(f"{name_of(target)} result is {worst} off the source in a sample "
-                                    f"(at most {limit} allowed): a codec blurs, it never inverts")
+        limit = max_error if max_error is not None else (1 << bits) // 4 if grey else None
+        if limit is not None and decoded.size:
+            wide = np.int64 if bits > 16 else np.int32
+            worst = int(np.max(np.abs(reference.astype(wide) - decoded.astype(wide))))
+            if worst > limit:
+                raise ConversionRefused(f"{name_of(target)} result is {worst} off the source in a "
+                                        f"sample (at most {limit} allowed): a codec blurs, it never inverts")
         quality = psnr(reference, decoded, bits)
         if quality < min_psnr:
             raise ConversionRefused(f"{name_of(target)} result is {quality:.1f} dB PSNR from the source, "
