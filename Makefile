@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make run    start the appliance on embedded defaults (data under ./var)"
 	@echo "make test   lint + the test suite with real DICOM peers (DCMTK, Orthanc)"
-	@echo "make bench  receive against storescp/Orthanc, codecs, forwarding, disk copies"
+	@echo "make bench  receive against storescp/Orthanc, codecs, the conversion check, forwarding, disk copies"
 
 deps: $(DEB_STAMP)
 
@@ -46,6 +46,7 @@ test: lint $(DEB_TEST_STAMP)
 bench: $(STAMP) $(DEB_TEST_STAMP)
 	$(BIN)/python bench/receive.py
 	$(BIN)/python bench/codecs.py
+	$(BIN)/python bench/convert.py
 	$(BIN)/python bench/forward.py
 	$(BIN)/python bench/disks.py
 

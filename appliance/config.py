@@ -121,6 +121,10 @@ def _syntax_check(wanted: str) -> Callable[[str], str | None]:
     return check
 
 
+def check_psnr(value: float) -> str | None:
+    return None if 0 <= value <= 200 else "a PSNR in dB from 0 (no bound) to 200"
+
+
 def check_quality(value: int) -> str | None:
     return None if 1 <= value <= 100 else "a number from 1 (smallest) to 100 (best)"
 
@@ -142,6 +146,9 @@ class StorageSettings:
     )
     lossy_quality: int = _checked(
         90, check_quality, "1-100: JPEG quality; J2K ratio 2+(100-q)/2; JPEG-LS NEAR; HTJ2K step"
+    )
+    lossy_min_psnr: float = _checked(
+        28.0, check_psnr, "a lossy result under this PSNR (dB) against its source is refused, original kept"
     )
 
     def syntax(self, format_class: str) -> str:

@@ -348,3 +348,41 @@ def test_connect_count_survives_parallel_workers(tmp_path: Path) -> None:
     connects = sqlite3.connect(tmp_path / "index.sqlite").execute(
         "SELECT connects FROM destination_state WHERE name = 'pacs'").fetchone()[0]
     assert connects == 300
+
+
+def test_a_conversion_the_check_refuses_fails_that_object_alone(make_appliance, tmp_path: Path) -> None:
+    """A stored JPEG whose stream is corrupt, for a destination that takes only uncompressed data:
+    that job fails at once with the reason, one WARNING, no traceback, counted; the rest go."""
+    from tests import bad_inputs
+
+    out = tmp_path / "storescp"
+    out.mkdir()
+    port = free_port()
+    scp = subprocess.Popen([STORESCP, "-aet", "PACS", "-od", str(out), str(port)], env=dcmtk_env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: echo(port, aec="PACS") == 0, 10, "storescp")
+        gateway = _gateway(make_appliance, _destination("pacs", "PACS", port))
+        corrupt = bad_inputs.save(bad_inputs.corrupt_jpeg("garbage"), tmp_path / "garbage.dcm")
+        clean = bad_inputs.save(bad_inputs.jpeg_baseline(), tmp_path / "clean.dcm")
+        assert storescu(gateway.port, [corrupt, clean], "-xy").returncode == 0
+        forwarder = Forwarder(gateway)
+        try:
+            failed = wait_for(lambda: _jobs(gateway, "--state", "failed"), 30, "the corrupt job to fail")
+            wait_for(lambda: len(list(out.iterdir())) == 1, 30, "the clean image at storescp")
+        finally:
+            forwarder.stop()
+    finally:
+        scp.terminate()
+        scp.wait(timeout=10)
+    corrupt_uid = bad_inputs.read(corrupt).SOPInstanceUID
+    assert [(j["sop_instance_uid"], j["attempts"]) for j in failed] == [(corrupt_uid, 1)], "no retries"
+    assert "rejected by the decoder" in failed[0]["last_status"]
+    log = forwarder.text()
+    assert "Traceback" not in log
+    (line,) = [line for line in log.splitlines() if corrupt_uid in line]
+    assert " WARNING " in line and "not sent" in line and "queue retry" in line, line
+    report = json.loads(gateway.cli("status", "--json", check=False).stdout)
+    assert report["archive"]["conversions_refused"] == 1
+    (got,) = [pydicom.dcmread(p) for p in out.iterdir()]
+    assert got.SOPInstanceUID == bad_inputs.read(clean).SOPInstanceUID

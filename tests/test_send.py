@@ -95,3 +95,38 @@ def test_unreachable_destination_is_a_clear_error() -> None:
     with pytest.raises(ConnectionError, match=r"PACS@127\.0\.0\.1"):
         StoreSender("GATEWAY", timeout=3).send([TEST_FILES / "CT_small.dcm"],
                                                Destination("PACS", "127.0.0.1", free_port()))
+
+
+def test_big_endian_destination_gets_little_endian_with_the_same_pixels(storescp) -> None:
+    port, out = storescp("+xb")  # prefers Explicit VR Big Endian
+    source = TEST_FILES / "CT_small.dcm"
+    (result,) = StoreSender("GATEWAY").send([source], Destination("PACS", "127.0.0.1", port,
+                                                                 ("ExplicitVRBigEndian",)))
+    assert result.status == 0 and result.transfer_syntax == uid.ExplicitVRLittleEndian, "never produced"
+    (got,) = _received(out)
+    assert np.array_equal(got.pixel_array, pydicom.dcmread(source).pixel_array)
+
+
+def test_palette_colour_is_never_sent_lossy(storescp, tmp_path: Path) -> None:
+    from tests import bad_inputs
+
+    port, out = storescp("+xy")  # prefers JPEG Baseline
+    source = bad_inputs.save(bad_inputs.palette(), tmp_path / "palette.dcm")
+    (result,) = StoreSender("GATEWAY").send([source], Destination("PACS", "127.0.0.1", port,
+                                                                 ("JPEGBaseline8Bit",)))
+    assert result.status == 0 and result.transfer_syntax == uid.ExplicitVRLittleEndian
+    (got,) = _received(out)
+    assert got.PhotometricInterpretation == "PALETTE COLOR"
+    assert got.PixelData == pydicom.dcmread(source).PixelData
+
+
+def test_corrupt_stream_fails_alone_with_its_reason(storescp, tmp_path: Path) -> None:
+    from tests import bad_inputs
+
+    port, out = storescp()  # uncompressed only: the JPEG must be decoded to be sent
+    corrupt = bad_inputs.save(bad_inputs.corrupt_jpeg("garbage"), tmp_path / "garbage.dcm")
+    files = [TEST_FILES / "CT_small.dcm", corrupt, TEST_FILES / "MR_small.dcm"]
+    results = StoreSender("GATEWAY").send(files, Destination("PACS", "127.0.0.1", port))
+    assert [r.status for r in results] == [0, None, 0]
+    assert results[1].refused and "rejected by the decoder" in results[1].refused[0][1]
+    assert len(_received(out)) == 2

@@ -107,7 +107,7 @@ def test_what_cannot_be_converted_stays_as_received(make_appliance) -> None:
 
         with sqlite3.connect(db) as conn:
             row = conn.execute("SELECT state, detail FROM conversions").fetchone()
-        return row is not None and row[0] == "kept" and "8-bit" in row[1]
+        return row is not None and row[0] == "kept" and "JPEG Baseline" in row[1]
 
     try:
         wait_for(kept)
@@ -137,3 +137,47 @@ def test_status_shows_the_converter(make_appliance) -> None:
     report = json.loads(gateway.cli("status", "--json", check=False).stdout)
     convert = next(s for s in report["services"] if s["service"] == "convert")
     assert convert["enabled"] and convert["state"] == "stopped"
+
+
+def _refusals(gateway) -> int:
+    report = json.loads(gateway.cli("status", "--json", check=False).stdout)
+    return report["archive"]["conversions_refused"]
+
+
+def _metrics(gateway) -> str:
+    """/metrics as the web service builds it, from the same report `status --json` prints."""
+    from appliance.web.metrics import exposition
+
+    report = json.loads(gateway.cli("status", "--json", check=False).stdout)
+    return exposition(lambda: report).decode()
+
+
+def test_corrupt_and_mislabelled_pixel_data_stays_as_received(make_appliance, tmp_path: Path) -> None:
+    """Through the receiver and through import: a stream the decoders reject, or whose frame is
+    not the size the header says, is never converted; one WARNING each, no traceback, counted."""
+    from tests import bad_inputs
+
+    gateway = _gateway(make_appliance, format="uncompressed")
+    garbage = bad_inputs.save(bad_inputs.corrupt_jpeg("garbage"), tmp_path / "garbage.dcm")
+    wrong_size = bad_inputs.save(bad_inputs.jpeg_baseline(rows=120, columns=160), tmp_path / "size.dcm")
+    assert storescu(gateway.port, [garbage, wrong_size], "-xy").returncode == 0
+    (tmp_path / "in").mkdir()
+    imported = bad_inputs.save(bad_inputs.corrupt_jpeg("truncated"), tmp_path / "in" / "truncated.dcm")
+    gateway.cli("import", str(tmp_path / "in"))
+    sources = {bad_inputs.read(p).SOPInstanceUID: p for p in (garbage, wrong_size, imported)}
+    converter = _Converter(gateway)
+    try:
+        wait_for(lambda: _refusals(gateway) == 3, 60, "three refusals")
+    finally:
+        log = converter.stop()
+    assert "Traceback" not in log
+    rows = {r["sop_instance_uid"]: r for r in gateway.find()}
+    assert set(rows) == set(sources)
+    for sop_uid, source in sources.items():
+        row = rows[sop_uid]
+        assert row["transfer_syntax_uid"] == uid.JPEGBaseline8Bit, "kept as received"
+        assert bad_inputs.read(Path(row["path"])).PixelData == bad_inputs.read(source).PixelData
+        (line,) = [line for line in log.splitlines() if sop_uid in line]
+        assert " WARNING " in line and "kept as received" in line, line
+    assert "320x240" in log and "decoder" in log
+    assert "appliance_conversions_refused_total 3.0" in _metrics(gateway)

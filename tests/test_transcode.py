@@ -14,9 +14,10 @@ import pydicom
 import pytest
 from pydicom import uid
 
-from appliance.commands.transcode import psnr
-from appliance.transcode.convert import CannotConvert, Quality, convert
+from appliance.commands.transcode import CANNOT_HOLD
+from appliance.transcode.convert import CannotConvert, ConversionRefused, Quality, convert
 from appliance.transcode.policy import send_candidates, store_target
+from appliance.transcode.verify import psnr
 from tests.conftest import TEST_FILES, run_cli, write_config
 
 LOSSLESS_TARGETS = [
@@ -110,8 +111,10 @@ def test_lossless_round_trips_are_bit_exact(path: Path) -> None:
     for target in LOSSLESS_TARGETS:
         try:
             result = convert(ds, target)
+        except ConversionRefused as exc:  # a clean image must pass the check
+            pytest.fail(f"{path.name} -> {uid.UID(target).name} refused: {exc}")
         except CannotConvert:
-            continue  # kept as received: the caller logs it; nothing is lost
+            continue  # the syntax cannot hold it: kept as received, nothing is lost
         back = _roundtrip(result.dataset)
         assert str(back.file_meta.TransferSyntaxUID) == target
         assert np.array_equal(back.pixel_array, reference), f"{path.name} -> {target}"
@@ -134,6 +137,8 @@ def test_lossy_is_marked_and_measured(name: str, capsys: pytest.CaptureFixture) 
             continue  # already in that syntax: kept as it is
         try:
             result = convert(ds, target, Quality(90))
+        except ConversionRefused as exc:
+            pytest.fail(f"{name} -> {uid.UID(target).name} refused: {exc}")
         except CannotConvert:
             continue
         back = _roundtrip(result.dataset)
@@ -149,6 +154,7 @@ def test_lossy_is_marked_and_measured(name: str, capsys: pytest.CaptureFixture) 
         assert back.SourceImageSequence[-1].ReferencedSOPInstanceUID == ds.SOPInstanceUID
         assert _others(back, LOSSY_KEYWORDS) == _others(expected, LOSSY_KEYWORDS)
         quality = psnr(ds.pixel_array, out, int(ds.BitsStored))
+        assert result.psnr is not None and (result.psnr == quality or abs(result.psnr - quality) < 0.5)
         with capsys.disabled():
             print(f"\n  {name} -> {uid.UID(target).name}: ratio {result.ratio:.1f}:1, PSNR {quality:.1f} dB")
         assert quality > 30
@@ -205,8 +211,11 @@ def test_store_rule() -> None:
 
 def test_send_rule() -> None:
     assert send_candidates(uid.JPEGLSLossless, ["uncompressed"]) == [
-        uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian, uid.ExplicitVRBigEndian,
-        uid.DeflatedExplicitVRLittleEndian]
+        uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian]
+    # Big Endian is retired: sent when stored so, never produced.
+    big_endian = [uid.ExplicitVRBigEndian]
+    assert uid.ExplicitVRBigEndian not in send_candidates(uid.ExplicitVRLittleEndian, big_endian)
+    assert send_candidates(uid.ExplicitVRBigEndian, ["uncompressed"])[0] == uid.ExplicitVRBigEndian
     lossless = send_candidates(uid.JPEG2000Lossless, ["lossless"])
     assert lossless[0] == uid.JPEG2000Lossless, "stored syntax first within a class: no work"
     # Lossy data: sent as it is, or decompressed; never re-encoded lossless or to another lossy.
@@ -233,7 +242,7 @@ def test_cli_transcode(tmp_path: Path) -> None:
     assert "PSNR" in lossy.stdout and "new SOP Instance UID" in lossy.stdout
     refused = run_cli(config, "transcode", str(TEST_FILES / "CT_small.dcm"), str(out), "--to",
                       "JPEGBaseline8Bit", check=False)
-    assert refused.returncode == 1 and "8-bit" in refused.stderr
+    assert refused.returncode == CANNOT_HOLD and "JPEG Baseline" in refused.stderr
     bad = run_cli(config, "transcode", str(TEST_FILES / "CT_small.dcm"), str(out), "--to", "zip",
                   check=False)
     assert bad.returncode == 2

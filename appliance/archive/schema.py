@@ -133,6 +133,19 @@ INSERT OR IGNORE INTO patient_names (patient_ref, patient_name, arrivals, first_
     GROUP BY st.patient_ref, i.patient_name
 """
 
+# Every conversion the check refused (the original kept): the count /metrics and
+# `appliance status` show, and the reason, for a field engineer.
+REFUSAL_TABLES = """
+CREATE TABLE IF NOT EXISTS conversion_refusals (
+    id INTEGER PRIMARY KEY,
+    sop_instance_uid TEXT NOT NULL,
+    target_syntax TEXT NOT NULL,
+    path TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    refused_at TEXT NOT NULL
+)
+"""
+
 # Steps from one schema version to the next, applied in order to an older index.
 MIGRATIONS = {
     2: "ALTER TABLE instances ADD COLUMN dataset_sha256 TEXT NOT NULL DEFAULT ''",
@@ -141,6 +154,7 @@ MIGRATIONS = {
     5: DISK_TABLES,
     6: DISK_TRUTH_TABLES,
     7: PATIENT_NAME_MIGRATION,
+    8: REFUSAL_TABLES,
 }
 
 SCHEMA_VERSION = max(MIGRATIONS)

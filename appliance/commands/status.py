@@ -21,6 +21,7 @@ from appliance.config import Settings
 from appliance.processes import pid_alive
 from appliance.service import state_dir
 from appliance.services import SERVICES, enabled_services
+from appliance.transcode.refusals import refusal_counts
 
 
 def service_states(settings: Settings) -> list[dict[str, Any]]:
@@ -77,11 +78,13 @@ def collect(settings: Settings) -> dict[str, Any]:
             count, listed = index.patients_with_several_names()
             report["archive"]["patient_ids_with_several_names"] = count
             report["archive"]["several_names"] = listed
+            report["archive"].update(refusal_counts(index, today.isoformat()))
         finally:
             index.close()
     else:
         report["archive"] = {"instances": 0, "bytes": 0, "instances_today": 0, "bytes_today": 0,
-                             "patient_ids_with_several_names": 0, "several_names": []}
+                             "patient_ids_with_several_names": 0, "several_names": [],
+                             "conversions_refused": 0, "conversions_refused_today": 0}
     quarantine_today = data_dir / "quarantine" / today.strftime("%Y%m%d")
     report["archive"]["rejected_today"] = (
         len(list(quarantine_today.glob("*.dcm"))) if quarantine_today.is_dir() else 0
@@ -156,7 +159,8 @@ def render(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"Images today:  {archive['instances_today']} ({size_text(archive['bytes_today'])}), "
-        f"rejected today: {archive['rejected_today']}",
+        f"rejected today: {archive['rejected_today']}, conversions refused today: "
+        f"{archive.get('conversions_refused_today', 0)}",
         f"Archive:       {archive['instances']} images ({size_text(archive['bytes'])})",
         f"Disk:          {size_text(disk['free_bytes'])} free of {size_text(disk['total_bytes'])}",
     ]

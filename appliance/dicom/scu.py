@@ -1,15 +1,20 @@
 """Sending archived objects to a destination in a syntax it accepts (the send rule).
 
 For each object the association proposes the syntaxes the send rule allows,
-one presentation context per syntax (NOTES.md: as requestor, offer one
-syntax per context), in the destination's order of preference, closed by
-Explicit and Implicit VR Little Endian, which every DICOM node must take.
+one presentation context per syntax (an acceptor picks from a context's
+list in its own order, not ours), in the destination's order of
+preference, closed by Explicit and Implicit VR Little Endian, which every
+DICOM node must take.
 Once the destination has answered, each object is converted to the best
-syntax it actually accepted; if that conversion is impossible (a codec
-refuses the image), the next accepted one is tried. pynetdicom never
-transcodes by itself: this module is where it happens.
+syntax it actually accepted, through the verified conversion
+(`transcode.convert`); if that conversion is impossible (a codec cannot
+hold the image) or refused (the source stream is corrupt, the result is
+not the source), the next accepted one is tried. An object no accepted
+syntax works for is not sent, and only that object: its result carries
+the reasons. pynetdicom never transcodes by itself: this module is where
+it happens.
 
-The forwarder (issue 4) drives `StoreSender` with its durable queue; the
+The forwarder drives `StoreSender` with its durable queue; the
 sender itself knows nothing of queues or retries.
 """
 
@@ -26,7 +31,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 
-from appliance.transcode.convert import CannotConvert, Quality, convert
+from appliance.transcode.convert import CannotConvert, ConversionRefused, Quality, convert
+from appliance.transcode.errors import one_line
 from appliance.transcode.policy import send_candidates
 from appliance.transcode.syntaxes import name_of
 
@@ -51,10 +57,14 @@ class SendResult:
     transfer_syntax: str  # as sent
     status: int | None  # DIMSE status, None when the object could not be sent
     detail: str = ""
+    # Conversions tried and refused by the check, (syntax, reason): the caller logs and counts them.
+    refused: tuple[tuple[str, str], ...] = ()
+    # No syntax the destination accepted can carry this object: sending again cannot help.
+    unsendable: bool = False
 
 
 def set_nodelay(event: evt.Event) -> None:
-    """Nagle off on our requestor sockets too: ~40 ms per C-STORE otherwise (NOTES.md)."""
+    """Nagle off on our requestor sockets too: a C-STORE waits ~40 ms for the delayed ACK otherwise."""
     sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -93,10 +103,12 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 class StoreSender:
     """Sends a batch of files (a study, say) over one association."""
 
-    def __init__(self, calling_ae: str, quality: Quality | None = None, timeout: float = 30.0) -> None:
+    def __init__(self, calling_ae: str, quality: Quality | None = None, timeout: float = 30.0,
+                 min_psnr: float | None = None) -> None:
         self.calling_ae = calling_ae
         self.quality = quality or Quality()
         self.timeout = timeout
+        self.min_psnr = min_psnr
 
     def plan(self, datasets: Sequence[Dataset], accepts: Sequence[str]) -> list[tuple[str, str]]:
         """(SOP class, syntax) contexts to propose, in preference order, at most 128."""
@@ -132,6 +144,13 @@ class StoreSender:
             ae.add_requested_context(sop_class, syntax)
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
                              evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+        if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
+            offered = sorted({name_of(str(cx.transfer_syntax[0])) for cx in assoc.rejected_contexts})
+            detail = (f"{destination.ae_title} accepted none of the syntaxes offered ({', '.join(offered)}; "
+                      "Explicit VR Big Endian is never produced)")
+            for n, path, ds in readable:
+                results[n] = SendResult(path, str(ds.SOPInstanceUID), "", None, detail, unsendable=True)
+            return [r for r in results if r is not None]
         if not assoc.is_established:
             raise ConnectionError(
                 f"association with {destination.ae_title}@{destination.host}:{destination.port} "
@@ -150,6 +169,7 @@ class StoreSender:
         accepted = {str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts
                     if cx.abstract_syntax == ds.SOPClassUID}
         reasons: list[str] = []
+        refused: list[tuple[str, str]] = []
         whole: Dataset | None = None
         for syntax in send_candidates(stored, destination.accepts):
             if syntax not in accepted:
@@ -158,27 +178,32 @@ class StoreSender:
                 status = assoc.send_c_store(path)
                 code = int(status.Status) if status and "Status" in status else None
                 return SendResult(path, str(ds.SOPInstanceUID), syntax, code,
-                                  "" if code is not None else "no response (association lost)")
+                                  "" if code is not None else "no response (association lost)",
+                                  tuple(refused))
             if whole is None:
                 try:
                     whole = _read(path)
                 except Exception as exc:  # pixel data damaged past the header
                     return SendResult(path, str(ds.SOPInstanceUID), stored, None,
-                                      f"unreadable archive file {path}: {exc}"[:200])
+                                      f"unreadable archive file {path}: {one_line(exc)}"[:200])
             try:
-                outgoing = convert(whole, syntax, self.quality).dataset
+                bound = {} if self.min_psnr is None else {"min_psnr": self.min_psnr}
+                outgoing = convert(whole, syntax, self.quality, **bound).dataset
+            except ConversionRefused as exc:
+                refused.append((syntax, one_line(exc)))
+                reasons.append(f"{name_of(syntax)}: {one_line(exc)}")
+                continue
             except CannotConvert as exc:
-                reasons.append(f"{name_of(syntax)}: {exc}")
+                reasons.append(f"{name_of(syntax)}: {one_line(exc)}")
                 continue
             status = assoc.send_c_store(outgoing)
             code = int(status.Status) if status and "Status" in status else None
-            if syntax != stored:
-                log.info("%s sent to %s as %s (stored as %s)", ds.SOPInstanceUID, destination.ae_title,
-                         name_of(syntax), name_of(stored))
+            log.info("%s sent to %s as %s (stored as %s)", ds.SOPInstanceUID, destination.ae_title,
+                     name_of(syntax), name_of(stored))
             return SendResult(path, str(outgoing.SOPInstanceUID), syntax, code,
-                              "" if code is not None else "no response (association lost)")
+                              "" if code is not None else "no response (association lost)", tuple(refused))
         detail = "; ".join(reasons) or (
             f"{destination.ae_title} accepted no syntax this object can be sent in "
             f"(offered {', '.join(name_of(s) for s in send_candidates(stored, destination.accepts))})"
         )
-        return SendResult(path, str(ds.SOPInstanceUID), stored, None, detail)
+        return SendResult(path, str(ds.SOPInstanceUID), stored, None, detail, tuple(refused), unsendable=True)

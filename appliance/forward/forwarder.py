@@ -13,6 +13,16 @@ Two kinds of trouble, treated differently, because clinics suffer both:
 
 A C-ECHO every `echo_interval` while idle keeps the destination's health
 on the status page current.
+
+A third kind is ours: **no syntax the destination accepted can carry the
+object** (the check refuses the conversion: a corrupt stored stream, a
+result that is not the source; or the syntax cannot hold the image: 16-bit
+data for a JPEG-Baseline-only viewer, or a destination that takes only Big
+Endian, which is never produced). The object is sent in another accepted
+syntax when one works; when none does, that job alone is marked failed at
+once (the same syntaxes would fail again), with the reasons. One WARNING
+names the object and the reasons; refusals by the check are counted for
+/metrics.
 """
 
 from __future__ import annotations
@@ -26,6 +36,9 @@ from appliance.config import DestinationSettings, ForwardSettings
 from appliance.dicom.scu import Destination, StoreSender, c_echo
 from appliance.forward.queue import SUCCESS_STATUSES, ForwardQueue, Job, backoff
 from appliance.transcode.convert import Quality
+from appliance.transcode.errors import one_line
+from appliance.transcode.refusals import report_refusal
+from appliance.transcode.syntaxes import name_of
 
 log = logging.getLogger("appliance.forward")
 
@@ -39,7 +52,7 @@ IDLE_POLL_SECONDS = 0.1
 class DestinationWorker(threading.Thread):
     def __init__(self, destination: DestinationSettings, forward: ForwardSettings, queue: ForwardQueue,
                  data_dir: Path, calling_ae: str, quality: Quality, stopping: threading.Event,
-                 number: int = 1) -> None:
+                 number: int = 1, min_psnr: float | None = None) -> None:
         super().__init__(name=f"forward-{destination.name}-{number}", daemon=True)
         self.number = number
         self.destination = destination
@@ -47,7 +60,7 @@ class DestinationWorker(threading.Thread):
         self.queue = queue
         self.data_dir = data_dir
         self.calling_ae = calling_ae
-        self.sender = StoreSender(calling_ae, quality)
+        self.sender = StoreSender(calling_ae, quality, min_psnr=min_psnr)
         self.target = Destination(destination.ae_title, destination.host, destination.port,
                                   destination.accepts)
         self.stopping = stopping
@@ -131,7 +144,13 @@ class DestinationWorker(threading.Thread):
             return
         lost: list[Job] = []
         for job, result in zip(present, results, strict=True):
-            if result.status in SUCCESS_STATUSES:
+            if result.status is None and result.unsendable:  # no accepted syntax can carry it
+                self._unsendable(job, result)
+            elif result.refused:
+                self._report_refusal(job, result)
+            if result.status is None and result.unsendable:
+                self.queue.refused(job, f"not sent: {result.detail}"[:200], 0, 0, 0)
+            elif result.status in SUCCESS_STATUSES:
                 self.queue.done(job, f"0x{result.status:04X}")
                 self.sent += 1
             elif result.status is None and "association lost" in result.detail:
@@ -149,6 +168,24 @@ class DestinationWorker(threading.Thread):
             self.queue.release(lost, "association lost")
             self._unreachable(state, "association lost while sending")
 
+    def _unsendable(self, job: Job, result) -> None:
+        """Failed at once (the same syntaxes would fail again): one WARNING with the reasons."""
+        outcome = (f"not sent, job {job.id} marked failed (`appliance queue retry {job.id}` once the "
+                   "cause is fixed)")
+        if result.refused:
+            self._report_refusal(job, result, outcome)
+        else:
+            log.warning("%s: not sent to %s, job %d marked failed (`appliance queue retry %d` once the "
+                        "cause is fixed): %s", one_line(job.sop_instance_uid, 80), self.destination.name,
+                        job.id, job.id, one_line(result.detail))
+
+    def _report_refusal(self, job: Job, result, outcome: str = "") -> None:
+        """One WARNING and one counted refusal per object, whatever number of syntaxes failed."""
+        outcome = outcome or f"sent as {name_of(result.transfer_syntax)} instead"
+        reason = "; ".join(f"{name_of(syntax)}: {why}" for syntax, why in result.refused)
+        report_refusal(log, self.queue.index, job.sop_instance_uid, result.refused[0][0],
+                       f"forward to {self.destination.name}", reason, outcome)
+
 
 class Forwarder:
     def __init__(self, settings, queue: ForwardQueue) -> None:
@@ -159,7 +196,7 @@ class Forwarder:
         # associations from us than it was promised.
         self.workers = [
             DestinationWorker(d, settings.forward, queue, settings.data_dir, settings.node.ae_title,
-                              quality, self.stopping, number)
+                              quality, self.stopping, number, settings.storage.lossy_min_psnr)
             for d in settings.destinations
             for number in range(1, d.max_associations + 1)
         ]

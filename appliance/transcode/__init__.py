@@ -1,1 +1,1 @@
-"""Transfer-syntax policy and transcoding: store format and send format (issue 3)."""
+"""Transfer-syntax policy and transcoding: store format, send format, the verified conversion."""

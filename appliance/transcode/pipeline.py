@@ -16,6 +16,11 @@ file too, and a crash or a slow lossy encode never costs a sender anything.
   duplicate, not a new image to compress again.
 - An object that cannot be converted stays as received; the reason is logged
   and kept in the queue row (state "kept"). Nothing is dropped or refused.
+  When the conversion was tried and failed its check (a corrupt or
+  mislabelled stream, a result that is not the source), the log line is a
+  WARNING and the refusal is counted (`refusals.py`); when the syntax simply
+  cannot hold the image (16-bit data and JPEG Baseline), it is a WARNING too
+  (the object is not in the site's format), not counted as a refusal.
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ from pydicom.uid import generate_uid
 from appliance.archive.ingest import Archive, OutOfSpace, Rejected, now_local
 from appliance.archive.record import InstanceRecord
 from appliance.config import StorageSettings
-from appliance.transcode.convert import CannotConvert, Quality, convert
+from appliance.transcode.convert import CannotConvert, ConversionRefused, Quality, convert
+from appliance.transcode.errors import one_line
 from appliance.transcode.policy import store_target
+from appliance.transcode.refusals import report_refusal
 from appliance.transcode.syntaxes import name_of
 
 log = logging.getLogger("appliance.convert")
@@ -75,6 +82,7 @@ class Converter:
         self.quality = Quality(storage.lossy_quality)
         self.converted = 0
         self.kept = 0
+        self.refused = 0
 
     def backlog(self) -> int:
         return self.archive.index.connection().execute(
@@ -111,17 +119,32 @@ class Converter:
         if row is None:
             return "done", "instance no longer in the archive"
         path = self.archive.data_dir / row["path"]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(path)
+        except Exception as exc:  # pydicom raises many types for a file damaged past its header
+            reason = f"archive file {row['path']} cannot be read: {one_line(exc)}"
+            report_refusal(log, self.archive.index, uid, target, "store", reason, "kept as received")
+            self.kept += 1
+            self.refused += 1
+            return "kept", reason
         stored = str(ds.file_meta.TransferSyntaxUID)
         if stored == target:
             return "done", "already in that syntax"
         derived_uid = generate_uid(entropy_srcs=[uid, target, str(self.quality.level)])
         try:
-            result = convert(ds, target, self.quality, derived_uid=derived_uid, in_place=True)
+            result = convert(ds, target, self.quality, derived_uid=derived_uid, in_place=True,
+                             min_psnr=self.storage.lossy_min_psnr)
+        except ConversionRefused as exc:
+            report_refusal(log, self.archive.index, uid, target, "store", exc, "kept as received")
+            self.kept += 1
+            self.refused += 1
+            return "kept", one_line(exc)
         except CannotConvert as exc:
-            log.info("%s stays as received (%s): %s", uid, name_of(stored), exc)
+            # Not a failed check (not counted), but the archive is not in the site's format for it.
+            log.warning("%s stays as received (%s), not stored as %s: %s", one_line(uid, 80),
+                        name_of(stored), name_of(target), one_line(exc))
             self.kept += 1
             return "kept", str(exc)
         received = dt.datetime.fromisoformat(row["received_at"])

@@ -10,8 +10,10 @@ Store rule ([storage] format): what the archive keeps of what it received.
 Send rule (a destination's `accepts`, by preference): which syntaxes to
 propose for one stored object. Lossy data is never re-encoded losslessly
 (only bigger, never better) nor into another lossy syntax (a second
-generation of loss): it goes as it is or decompressed. Explicit, then
-Implicit VR Little Endian close every list, as every DICOM node takes them.
+generation of loss): it goes as it is or decompressed. Explicit VR Big
+Endian (retired, PS3.5 A.3) is sent only as stored, never produced.
+Explicit, then Implicit VR Little Endian close every list, as every DICOM
+node takes them.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ def send_candidates(stored: str, accepts: list[str] | tuple[str, ...]) -> list[s
 def _allowed(stored: str, current: str | None, target: str) -> bool:
     if target == stored:
         return True
+    if target == uid.ExplicitVRBigEndian:
+        return False  # never produced (see the module docstring)
     wanted = class_of(target)
     if current is None or wanted is None:
         return False  # video or unknown syntaxes: only as they are

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client.core import CollectorRegistry, GaugeMetricFamily
+from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
@@ -18,7 +18,7 @@ class ReportCollector(Collector):
     def __init__(self, report: Callable[[], dict[str, Any]]) -> None:
         self.report = report
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         report = self.report()
         up = GaugeMetricFamily("appliance_service_up", "1 when the service runs (enabled ones only)",
                                labels=["service"])
@@ -38,6 +38,9 @@ class ReportCollector(Collector):
         yield GaugeMetricFamily("appliance_patient_ids_with_several_names",
                                 "patient IDs whose images arrived under more than one name",
                                 value=archive.get("patient_ids_with_several_names", 0))
+        yield CounterMetricFamily("appliance_conversions_refused",
+                                  "conversions refused by the check (original kept), all time",
+                                  value=archive.get("conversions_refused", 0))
         yield GaugeMetricFamily("appliance_internal_disk_free_bytes", "free bytes of the data disk",
                                 value=report["disk"]["free_bytes"])
         yield GaugeMetricFamily("appliance_internal_disk_total_bytes", "size of the data disk",
