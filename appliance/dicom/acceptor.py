@@ -6,7 +6,8 @@ with a small buffer that grows only with the bytes actually received, up to
 pdu.MAX_ASSOCIATE_RQ; at most `max_pending` such connections exist, at most
 `max_pending_per_address` from one address, and each has `acse_timeout`
 (the set-up ARTIM timer of PS3.8) to send its request: past that it is
-closed. Connections over the caps are closed at once.
+closed. A new connection over a cap takes the place of the one (from the
+same address, or overall) that has waited longest.
 
 A complete request is parsed (associate.py); a malformed one gets A-ABORT, a
 refused one A-ASSOCIATE-RJ, and both are then drained until the peer closes
@@ -148,29 +149,36 @@ class Acceptor:
                 log.warning("cannot accept a DICOM connection: %s", exc.strerror or exc)
                 return
             host = address[0]
-            from_host = sum(1 for entry in self._pending.values() if entry.address[0] == host)
-            if len(self._pending) >= self.node.max_pending:
-                self._refuse(sock, host, f"{len(self._pending)} connections are already waiting to "
-                             "associate ([node] max_pending)")
-                continue
-            if from_host >= self.node.max_pending_per_address:
-                self._refuse(sock, host, f"{from_host} connections from this address are already waiting "
-                             "to associate ([node] max_pending_per_address)")
-                continue
+            mine = [entry for entry in self._pending.values() if entry.address[0] == host]
+            if len(mine) >= self.node.max_pending_per_address:
+                self._evict(min(mine, key=lambda e: e.deadline), selector,
+                            f"{len(mine)} connections from this address were waiting to associate "
+                            "([node] max_pending_per_address)")
+            elif len(self._pending) >= self.node.max_pending:
+                self._evict(min(self._pending.values(), key=lambda e: e.deadline), selector,
+                            f"{len(self._pending)} connections were waiting to associate "
+                            "([node] max_pending)")
             sock.setblocking(False)
             entry = _Pending(sock, address, time.monotonic() + self.node.acse_timeout)
             self._pending[sock.fileno()] = entry
             selector.register(sock, selectors.EVENT_READ, entry)
 
-    def _refuse(self, sock: socket.socket, host: str, why: str) -> None:
-        """Close a connection over the caps at once; warn once per REFUSAL_LOG_EVERY per address."""
-        with contextlib.suppress(OSError):
-            sock.close()
+    def _evict(self, entry: _Pending, selector: selectors.BaseSelector, why: str) -> None:
+        """Make room for a new connection: the one that has waited longest goes.
+
+        A legitimate requestor sends its A-ASSOCIATE-RQ in milliseconds, so
+        under a flood of slow or silent connections the newest one is the
+        likeliest to be real; the oldest has had its chance. One warning per
+        REFUSAL_LOG_EVERY seconds per address, with the count in between.
+        """
+        host = entry.address[0]
+        self._close(entry, selector)
         now = time.monotonic()
         last, count = self._refusals.get(host, (0.0, 0))
         if now - last >= REFUSAL_LOG_EVERY:
             extra = f" ({count} more since the last warning)" if count else ""
-            log.warning("closed a connection from %s before association: %s%s", host, why, extra)
+            log.warning("closed a connection from %s before association to make room: %s%s", host, why,
+                        extra)
             self._refusals[host] = (now, 0)
         else:
             self._refusals[host] = (last, count + 1)

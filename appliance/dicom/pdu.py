@@ -99,7 +99,12 @@ class Reader:
 
     def recv_into(self, view: memoryview) -> int:
         """One recv into `view`; 0 never returns (PeerClosed instead)."""
-        count = self.sock.recv_into(view)
+        try:
+            count = self.sock.recv_into(view)
+        except TimeoutError:
+            if self.deadline is not None and time.monotonic() >= self.deadline - 0.1:
+                raise DeadlineExceeded("the DIMSE message was not complete in time") from None
+            raise
         if count == 0:
             raise PeerClosed("connection closed by the peer")
         if self.deadline is not None and time.monotonic() > self.deadline:
