@@ -45,7 +45,8 @@ def gateway(tmp_path_factory) -> Iterator[ApplianceProcess]:
     port = free_port()
     node = {"dicom_port": port, "data_dir": str(base / "data"), "min_free_mb": 1, "bind_address": "127.0.0.1",
             "network_timeout": 10, "dimse_timeout": DIMSE_TIMEOUT, "acse_timeout": ACSE_TIMEOUT,
-            "artim_timeout": 2, "max_inflated_mb": 16, "max_pending": 32, "max_pending_per_address": 8}
+            "artim_timeout": 2, "max_inflated_mb": 16, "max_pending": 32, "max_pending_per_address": 8,
+            "check_called_ae": True}
     gw = ApplianceProcess(write_config(base / "appliance.toml", node), base / "data", port,
                           base / "appliance.log", node=node)
     gw.start()
@@ -338,6 +339,7 @@ def test_command_and_dataset_must_name_the_same_object(gateway, baseline) -> Non
     ("no application context", {"app_context": None}, ("reject", 1, 1, 2)),
     ("another application context", {"app_context": "1.2.3"}, ("reject", 1, 1, 2)),
     ("empty calling AE", {"calling": b""}, ("reject", 1, 1, 3)),
+    ("another called AE (check_called_ae)", {"called": b"PACS"}, ("reject", 1, 1, 7)),
     ("sub-item past its item", {"raw_items": raw.item(0x10, raw.APP_CONTEXT.encode()) + raw.item(
         0x20, bytes([1, 0, 0, 0]) + struct.pack(">BBH", 0x30, 0, 200) + b"1.2")},
      ("abort", 2, 6)),
@@ -352,6 +354,21 @@ def test_malformed_or_refused_associate_requests(gateway, baseline, name, rq, ex
         assert reply is not None and reply[0] == 0x03, f"{name}: expected A-ASSOCIATE-RJ, got {reply!r}"
         assert tuple(reply[1][1:4]) == expected[1:], name
     assert raw.closed_within(sock, 5), f"{name}: the connection must be closed after the reply"
+    sock.close()
+    baseline.healthy()
+
+
+@pytest.mark.parametrize(("name", "first", "expected"), [
+    ("P-DATA before association", raw.p_data(1, 0x03, b"\0" * 12), (2, 2)),
+    ("unknown PDU type", struct.pack(">BBI", 0x99, 0, 4) + b"\0" * 4, (2, 1)),
+    ("A-ASSOCIATE-RQ declaring 100 MB", struct.pack(">BBI", 1, 0, 100_000_000) + b"\0" * 100, (2, 6)),
+    ("A-ASSOCIATE-RQ shorter than its fixed part", struct.pack(">BBI", 1, 0, 20) + b"\0" * 20, (2, 6)),
+])
+def test_wrong_first_pdu_is_aborted(gateway, baseline, name, first, expected) -> None:
+    sock = raw.connect(gateway.port)
+    sock.sendall(first)
+    assert raw.abort_of(raw.read_pdu(sock)) == expected, name
+    assert raw.closed_within(sock, 5), name
     sock.close()
     baseline.healthy()
 

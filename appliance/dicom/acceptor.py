@@ -93,7 +93,8 @@ class Acceptor:
 
     @property
     def listening(self) -> bool:
-        return self._listener is not None
+        """True while the listener thread runs (the service's health check)."""
+        return self._listener is not None and self._thread is not None and self._thread.is_alive()
 
     def stop(self, grace: float, on_abort: Callable[[Association], None] | None = None) -> None:
         """Stop listening, let running associations finish, then abort the rest."""
@@ -122,10 +123,15 @@ class Acceptor:
         try:
             while not self._stopping.is_set():
                 for key, _events in selector.select(timeout=self._next_wait()):
-                    if key.data is None:
-                        self._accept(listener, selector)
-                    else:
-                        self._readable(key.data, selector)
+                    try:
+                        if key.data is None:
+                            self._accept(listener, selector)
+                        else:
+                            self._readable(key.data, selector)
+                    except Exception:  # a bug must cost one connection, never the port
+                        log.exception("unexpected error in the DICOM listener; connection closed")
+                        if key.data is not None:
+                            self._close(key.data, selector)
                 self._expire(selector)
         finally:
             for entry in list(self._pending.values()):

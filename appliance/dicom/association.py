@@ -61,7 +61,7 @@ class Association:
     def run(self, accept: bytes) -> None:
         """Send the A-ASSOCIATE-AC, serve, and clean up whatever way it ends."""
         try:
-            self.sock.setblocking(True)
+            self.sock.settimeout(self.node.network_timeout)  # blocking, but never forever
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.sock.sendall(accept)
             self._serve()
