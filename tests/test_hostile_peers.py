@@ -308,6 +308,29 @@ def test_second_command_in_the_middle_of_a_dataset_leaves_no_spool_file(gateway,
     baseline.healthy()
 
 
+@pytest.mark.parametrize("ending", ["peer A-ABORT", "silence past dimse_timeout", "release mid-dataset",
+                                    "connection closed"])
+def test_every_way_out_of_a_dataset_removes_its_spool_file(gateway, baseline, ending) -> None:
+    sock, _ = raw.associate(gateway.port)
+    sock.sendall(raw.p_data(3, 0x03, raw.command_set(command.C_STORE_RQ, 1, raw.CT, "1.2.3.11")))
+    sock.sendall(raw.p_data(3, 0x00, dataset_bytes(CT_SMALL)[:20000]))
+    wait_for(lambda: list((gateway.data_dir / "tmp").iterdir()), 5, "the spool file")
+    if ending == "peer A-ABORT":
+        sock.sendall(raw.pdu(0x07, bytes([0, 0, 0, 0])))
+        assert raw.closed_within(sock, 5)
+    elif ending == "silence past dimse_timeout":
+        assert raw.abort_of(raw.read_pdu(sock, DIMSE_TIMEOUT + 5)) == (2, 0)
+    elif ending == "release mid-dataset":
+        sock.sendall(raw.pdu(0x05, b"\0" * 4))
+        reply = raw.read_pdu(sock)
+        assert reply is not None and reply[0] == 0x06
+    else:
+        sock.close()
+    wait_for(lambda: not list((gateway.data_dir / "tmp").iterdir()), 5, f"tmp/ empty after {ending}")
+    sock.close()
+    baseline.healthy()
+
+
 def test_forged_log_line_in_the_calling_ae_is_escaped(gateway, baseline) -> None:
     sock, _ = raw.associate(gateway.port, calling=b"\xff\x1b[31m\nFAKE LOG")
     raw.release(sock)
