@@ -316,3 +316,12 @@ def test_regression_inflate_ratio_limit() -> None:
     with pytest.raises(structure.LimitExceeded, match="max_inflate_ratio"):
         structure.inflate(io.BytesIO(data), structure.Limits(max_inflated=64 << 20, max_ratio=200))
     assert len(structure.inflate(io.BytesIO(data), structure.Limits(max_ratio=2000))) == (2 << 20) + 12
+
+
+def test_regression_inflate_size_limit() -> None:
+    """With the ratio limit out of the way, the size limit alone stops inflation."""
+    payload = bytes(range(256)) * 16384  # 4 MB
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    data = deflater.compress(payload) + deflater.flush()
+    with pytest.raises(structure.LimitExceeded, match="max_inflated_mb"):
+        structure.inflate(io.BytesIO(data), structure.Limits(max_inflated=2 << 20, max_ratio=100000))

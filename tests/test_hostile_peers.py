@@ -273,7 +273,7 @@ def test_deflate_bomb_is_refused_with_c000_and_quarantined(gateway, baseline) ->
     stop.set()
     raw.release(sock)
     assert len(_quarantined(gateway)) == before + 1
-    assert "max_inflated_mb" in gateway.log()
+    assert "max_inflate_ratio" in gateway.log()
     baseline.healthy()
 
 

@@ -261,7 +261,9 @@ def inflate(fp: BinaryIO, limits: Limits = DEFAULT_LIMITS) -> bytes:
             pending = chunk
             while pending:
                 before = len(pending)
-                out += inflater.decompress(pending, limits.max_inflated + 1 - len(out))
+                # At most RATIO_FLOOR per call, so a bomb is caught by its ratio after
+                # about 1 MB instead of filling max_inflated first.
+                out += inflater.decompress(pending, min(RATIO_FLOOR, limits.max_inflated + 1 - len(out)))
                 pending = inflater.unconsumed_tail
                 consumed += before - len(pending)
                 if len(out) > limits.max_inflated:
