@@ -173,10 +173,12 @@ def test_release_and_abort_declaring_2_gb(gateway, baseline) -> None:
 def test_trickling_associations_are_cut_at_dimse_timeout(gateway, baseline) -> None:
     """16 associations sending a P-DATA header one byte every 3 s (network_timeout is 10 s)."""
     ends: list[tuple[float, tuple[int, int] | None]] = []
+    associated: list[int] = []
     started = time.monotonic()
 
     def trickle() -> None:
         sock, _ = raw.associate(gateway.port)
+        associated.append(1)
         header = struct.pack(">BBI", 4, 0, 2000) + struct.pack(">IBB", 1998, 3, 0x03)
         try:
             for byte in header + b"\0" * 20:
@@ -197,7 +199,7 @@ def test_trickling_associations_are_cut_at_dimse_timeout(gateway, baseline) -> N
     threads = [threading.Thread(target=trickle) for _ in range(16)]
     for thread in threads:
         thread.start()
-    time.sleep(1)
+    wait_for(lambda: len(associated) == 16, 10, "16 trickling associations")
     assert echo(gateway.port) != 0, "16 trickling associations hold all 16 slots"
     for thread in threads:
         thread.join(30)
