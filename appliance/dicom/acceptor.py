@@ -31,11 +31,9 @@ from dataclasses import dataclass, field
 from appliance.config import NodeSettings
 from appliance.dicom import associate, dimse, negotiation, pdu
 from appliance.dicom.association import Association
-from appliance.dicom.dimse import Handlers, Peer, StoreRequest
+from appliance.dicom.dimse import Handlers, Peer
 from appliance.dicom.peertext import printable
-from appliance.dicom.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, file_meta
-
-__all__ = ["Acceptor", "Association", "Handlers", "Peer", "StoreRequest", "file_meta"]
+from appliance.dicom.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 
 log = logging.getLogger("appliance.dicom")
 
@@ -75,10 +73,6 @@ class Acceptor:
     def active(self) -> int:
         with self._lock:
             return len(self._active)
-
-    def pending(self) -> int:
-        """Connections in the pending stage (read from the listener thread's dict)."""
-        return len(self._pending)
 
     # --- life cycle ---------------------------------------------------------------------
 

@@ -131,17 +131,13 @@ def parse_header(head: bytes) -> tuple[int, int]:
     return head[0], struct.unpack(">I", head[2:6])[0]
 
 
-def _item(item_type: int, value: bytes) -> bytes:
+def item(item_type: int, value: bytes) -> bytes:
+    """One item or sub-item: type, reserved byte, 2-byte length, value."""
     return struct.pack(">BBH", item_type, 0, len(value)) + value
 
 
 def _pdu(pdu_type: int, body: bytes) -> bytes:
     return struct.pack(">BBI", pdu_type, 0, len(body)) + body
-
-
-def item(item_type: int, value: bytes) -> bytes:
-    """One item or sub-item: type, reserved byte, 2-byte length, value."""
-    return _item(item_type, value)
 
 
 def associate_ac(fixed: bytes, items: bytes) -> bytes:
