@@ -9,11 +9,12 @@ DEB_STAMP := .deb-packages.stamp
 DEB_TEST_STAMP := .deb-packages-test.stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench deps venv clean help
+.PHONY: run test fuzz lint bench deps venv clean help
 
 help:
 	@echo "make run    start the appliance on embedded defaults (data under ./var)"
 	@echo "make test   lint + the test suite with real DICOM peers (DCMTK, Orthanc)"
+	@echo "make fuzz   the DICOM door's fuzzers, long (FUZZ_EXAMPLES=20000; make test runs 200)"
 	@echo "make bench  receive against storescp/Orthanc, codecs, the conversion check, forwarding, disk copies"
 
 deps: $(DEB_STAMP)
@@ -42,6 +43,10 @@ lint: $(STAMP)
 
 test: lint $(DEB_TEST_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+FUZZ_EXAMPLES ?= 20000
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -p no:cacheprovider --timeout 3600 tests/test_fuzz_door.py
 
 bench: $(STAMP) $(DEB_TEST_STAMP)
 	$(BIN)/python bench/receive.py

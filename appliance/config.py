@@ -93,10 +93,35 @@ class NodeSettings:
     )
     bind_address: str = _checked("0.0.0.0", None, "address the DICOM service listens on")
     max_associations: int = _checked(16, check_positive, "simultaneous associations")
-    acse_timeout: float = _checked(30.0, check_positive, "seconds to wait for association")
-    dimse_timeout: float = _checked(120.0, check_positive, "seconds to wait for a DIMSE msg")
+    max_pending: int = _checked(
+        32, check_positive, "connections not yet associated (no thread is spent on them); more are closed"
+    )
+    max_pending_per_address: int = _checked(
+        8, check_positive, "of those, from one IP address (one broken or hostile host cannot fill them)"
+    )
+    acse_timeout: float = _checked(
+        30.0, check_positive, "seconds a new connection has to send its whole A-ASSOCIATE-RQ"
+    )
+    dimse_timeout: float = _checked(
+        120.0, check_positive, "seconds one whole DIMSE message may take (command + dataset); else A-ABORT"
+    )
     network_timeout: float = _checked(120.0, check_positive, "idle seconds before closing")
+    artim_timeout: float = _checked(
+        10.0, check_positive, "seconds the peer has to close after release, reject or abort"
+    )
     max_pdu: int = _checked(262144, check_not_negative, "largest PDU we accept (0 = any)")
+    check_called_ae: bool = _checked(
+        False, None, "true: reject associations calling another AE title than ours"
+    )
+    max_inflated_mb: int = _checked(
+        64, check_positive, "a Deflated dataset larger than this inflated is refused (0xC000, quarantine)"
+    )
+    max_inflate_ratio: int = _checked(
+        200, check_positive, "a Deflated dataset inflating more than this many times is refused likewise"
+    )
+    max_sequence_depth: int = _checked(
+        64, check_positive, "sequences nested deeper than this are refused (0xC000, quarantine)"
+    )
     min_free_mb: int = _checked(
         100, check_not_negative, "refuse new images (0xA700) below this free space"
     )

@@ -2,10 +2,13 @@
 
     .venv/bin/python bench/receive.py              # what `make bench` runs
     .venv/bin/python bench/receive.py --quick      # 100 images, one round: a smoke test
+    .venv/bin/python bench/receive.py --senders 1,4  # one association, then 4 storescu in parallel
 
 The same synthetic CT files (512x512, 16-bit, Explicit VR Little Endian) are
-sent by DCMTK storescu over ONE association into each peer, started fresh on
-a loopback port with an empty data directory on the same disk:
+sent by DCMTK storescu over ONE association into each peer, then (`--senders
+1,4`, the default) by 4 storescu at once, each over its own association with
+a quarter of the files, into each peer started fresh on a loopback port with
+an empty data directory on the same disk:
 
     storescp        DCMTK's reference receiver: writes each file, never fsyncs
     orthanc         Orthanc as packaged (SyncStorageArea = true: fdatasync per file;
@@ -36,10 +39,12 @@ records the results and what they mean.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime as dt
 import json
 import os
 import platform
+import resource
 import shlex
 import sqlite3
 import subprocess
@@ -69,6 +74,7 @@ class Run:
 
     peer: str
     round: int
+    senders: int
     images: int
     stored: int
     seconds: float
@@ -114,9 +120,30 @@ def warm_page_cache(files: list[Path]) -> None:
                 pass
 
 
+def send(port: int, files: list[Path], aet: str, senders: int) -> peers.SendResult:
+    """Every file through `senders` storescu processes at once, each over its own association.
+
+    The files are dealt out in turn; the clock runs from before the first
+    process starts to the exit of the last, and the CPU time is that of all
+    of them together.
+    """
+    if senders == 1:
+        return peers.storescu(port, files, called_aet=aet)
+    shares = [files[n::senders] for n in range(senders)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(senders) as pool:
+        results = list(pool.map(lambda share: peers.storescu(port, share, called_aet=aet), shares))
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return peers.SendResult(seconds, max(r.returncode for r in results), "".join(r.stdout for r in results),
+                            "".join(r.stderr for r in results), cpu)
+
+
 def measure(name: str, files: list[Path], total_bytes: int, workdir: Path, round_: int,
-            quiet_timeout: float) -> Run:
-    """Start `name` fresh, send every file over one association, check, stop, clean up."""
+            quiet_timeout: float, senders: int = 1) -> Run:
+    """Start `name` fresh, send every file over `senders` parallel associations, check, stop, clean up."""
     peer = make_peer(name, workdir / name)
     problems: list[str] = []
     # The tree may move between rounds while others work in it: say which code each run measured.
@@ -130,7 +157,7 @@ def measure(name: str, files: list[Path], total_bytes: int, workdir: Path, round
                   f"({busy_before:.2f} CPUs busy at the end)", file=sys.stderr)
         rss_before = peer.rss_bytes()
         cpu_before, machine_before = peer.cpu_seconds(), machine.MachineSample()
-        sent = peers.storescu(peer.port, files, called_aet=peer.aet)
+        sent = send(peer.port, files, peer.aet, senders)
         cpu_after, machine_after = peer.cpu_seconds(), machine.MachineSample()
         peak_rss = peer.peak_rss_bytes()
         if isinstance(peer, peers.Appliance):
@@ -159,6 +186,7 @@ def measure(name: str, files: list[Path], total_bytes: int, workdir: Path, round
     return Run(
         peer=name,
         round=round_,
+        senders=senders,
         images=len(files),
         stored=stored,
         seconds=sent.seconds,
@@ -255,13 +283,15 @@ def round_ratios(runs: list[Run], numerator: str, denominator: str) -> list[floa
             if (n, numerator) in rates and (n, denominator) in rates]
 
 
-def report(runs: list[Run], spec: synthetic.CTSpec, image_bytes: int, rounds: int) -> dict[str, object]:
+def report(runs: list[Run], spec: synthetic.CTSpec, image_bytes: int, rounds: int,
+           senders: int = 1) -> dict[str, object]:
     """Print the table and ratios; return the summary for the JSON file."""
     chosen = {name: median_run([r for r in runs if r.peer == name])
               for name in dict.fromkeys(r.peer for r in runs)}
     print()
     print(f"Receive throughput: {spec.count} synthetic {spec.rows}x{spec.columns} 16-bit CT images "
-          f"({image_bytes / 1e3:.0f} kB each) sent by storescu over one association; "
+          f"({image_bytes / 1e3:.0f} kB each) sent by storescu over "
+          f"{'one association' if senders == 1 else f'{senders} associations in parallel'}; "
           f"median of {rounds} round(s)")
     print()
     header = (f"{'peer':<16}{'images':>7}{'seconds':>9}{'images/s':>10}{'MB/s':>7}{'peak RSS':>10}"
@@ -313,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure a send again (up to this many times) when other processes kept "
                              f"over {DISTURBED_CPUS} CPUs busy during it (default 2)")
     parser.add_argument("--cache", type=Path, default=RESULTS / "cache", help="synthetic images cache")
+    parser.add_argument("--senders", default="1,4",
+                        help="comma-separated numbers of storescu sending at once, each measured and "
+                             "reported in turn (default 1,4: one association, then 4 in parallel)")
     parser.add_argument("--output", type=Path, default=RESULTS / "receive.json", help="results as JSON")
     args = parser.parse_args(argv)
     if args.quick:
@@ -332,18 +365,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ready in {time.monotonic() - started:.1f} s; peers work in {args.workdir} "
           f"({filesystem(args.workdir.parent)})", file=sys.stderr)
 
+    try:
+        sender_counts = [int(n) for n in args.senders.split(",") if n.strip()]
+    except ValueError:
+        parser.error(f"--senders {args.senders!r}: comma-separated positive integers, e.g. 1,4")
+    if not sender_counts or min(sender_counts) < 1:
+        parser.error(f"--senders {args.senders!r}: comma-separated positive integers, e.g. 1,4")
+
     runs: list[Run] = []
-    for round_ in range(1, args.rounds + 1):
+    for senders, round_ in [(s, r) for s in sender_counts for r in range(1, args.rounds + 1)]:
         for name in names:
             for attempt in range(args.retries + 1):
                 try:
-                    run = measure(name, files, total_bytes, args.workdir, round_, args.quiet_timeout)
+                    run = measure(name, files, total_bytes, args.workdir, round_, args.quiet_timeout, senders)
                 except peers.PeerError as exc:
                     print(f"receive benchmark: {exc}", file=sys.stderr)
                     return 1
                 runs.append(run)
                 status = "ok" if run.ok else f"FAILED: {run.problem}"
-                print(f"round {round_} {name:<15} {run.seconds:7.2f} s {run.images_per_second:8.1f} images/s "
+                print(f"round {round_} x{senders} {name:<15} {run.seconds:7.2f} s "
+                      f"{run.images_per_second:8.1f} images/s "
                       f"peak RSS {_mb(run.peak_rss_bytes)}  {status}", file=sys.stderr)
                 if not run.ok or run.busy_cpus_during_send <= DISTURBED_CPUS or attempt == args.retries:
                     break
@@ -351,8 +392,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  disturbed: other processes kept {run.busy_cpus_during_send:.2f} CPUs busy "
                       "during the send; measuring again", file=sys.stderr)
 
-    counted = [r for r in runs if r.ok and not r.disturbed] or runs
-    summary = report(counted, spec, total_bytes // len(files), args.rounds)
+    summaries = {}
+    for senders in sender_counts:
+        mine = [r for r in runs if r.senders == senders]
+        counted = [r for r in mine if r.ok and not r.disturbed] or mine
+        summaries[senders] = report(counted, spec, total_bytes // len(files), args.rounds, senders)
+    summary = dict(summaries[sender_counts[0]])
+    summary["by_senders"] = {str(n): value for n, value in summaries.items()}
     document = {
         "benchmark": "receive",
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),

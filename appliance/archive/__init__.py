@@ -17,10 +17,14 @@ def open_archive(settings: Settings) -> Archive:
     transaction as the index row, whoever brought the object in.
     """
     from appliance.archive.ingest import Archive
+    from appliance.dicom.structure import Limits
     from appliance.forward.routing import ForwardRouter
     from appliance.transcode.pipeline import StorePolicy
 
-    archive = Archive(settings.data_dir, min_free_bytes=settings.node.min_free_mb * 1_000_000)
+    node = settings.node
+    limits = Limits(max_depth=node.max_sequence_depth, max_inflated=node.max_inflated_mb * 1024 * 1024,
+                    max_ratio=node.max_inflate_ratio)
+    archive = Archive(settings.data_dir, min_free_bytes=node.min_free_mb * 1_000_000, limits=limits)
     if settings.storage.format != "as-received":
         archive.on_indexed.append(StorePolicy(settings.storage).queue_conversion)
     if settings.destinations:

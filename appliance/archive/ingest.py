@@ -36,6 +36,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from appliance.archive import durable, layout
 from appliance.archive.index import Index
 from appliance.archive.record import InstanceRecord, UnreadableObject, read_record
+from appliance.dicom.structure import DEFAULT_LIMITS, Limits
 from appliance.processes import pid_alive
 
 log = logging.getLogger("appliance.archive")
@@ -75,8 +76,9 @@ def now_local() -> dt.datetime:
 class Archive:
     """The archive tree under <data_dir>, its temp area, quarantine and index."""
 
-    def __init__(self, data_dir: Path, *, min_free_bytes: int = 0) -> None:
+    def __init__(self, data_dir: Path, *, min_free_bytes: int = 0, limits: Limits = DEFAULT_LIMITS) -> None:
         self.data_dir = data_dir
+        self.limits = limits  # nesting and inflate bounds of the structure walk
         self.root = data_dir / "archive"
         self.temp_dir = data_dir / "tmp"
         self.lock_dir = data_dir / "locks"
@@ -135,6 +137,7 @@ class Archive:
         source: str = "",
         received: dt.datetime | None = None,
         keep_previous: bool = True,
+        expect: Callable[[InstanceRecord], str | None] | None = None,
     ) -> Stored:
         """Archive the complete Part 10 file `temp`, which lies in our temp dir.
 
@@ -142,7 +145,8 @@ class Archive:
         removed. Raises OutOfSpace (try later) or Rejected (quarantined).
         `keep_previous=False` is for the store-format conversion: the previous
         file holds the same image in another encoding and is removed, not kept
-        under replaced/.
+        under replaced/. `expect(record)` may name a reason to refuse the object
+        (the C-STORE command and the dataset disagree): it is then quarantined.
         """
         received = received or now_local()
         try:
@@ -154,9 +158,12 @@ class Archive:
             self.check_space(0)
             with open(temp, "rb") as fp:
                 try:
-                    record, walk = read_record(fp, size, source or temp.name)
+                    record, walk = read_record(fp, size, source or temp.name, self.limits)
                 except UnreadableObject as exc:
                     raise Rejected(str(exc), None) from None
+                refusal = expect(record) if expect is not None else None
+                if refusal:
+                    raise Rejected(refusal, None)
                 digest = _file_digest(fp)
                 dataset_offset = walk.dataset_offset
                 os.fsync(fp.fileno())

@@ -18,7 +18,7 @@ from typing import BinaryIO
 import pydicom
 from pydicom.dataset import Dataset
 
-from appliance.dicom.structure import IncompleteDataset, Walk, check_part10
+from appliance.dicom.structure import DEFAULT_LIMITS, IncompleteDataset, Limits, Walk, check_part10
 
 log = logging.getLogger("appliance.archive")
 
@@ -60,14 +60,15 @@ def _text(ds: Dataset, keyword: str) -> str:
 IMAGE_MARKERS = ("Rows", "Columns")
 
 
-def read_record(fp: BinaryIO, size: int, source: str) -> tuple[InstanceRecord, Walk]:
+def read_record(fp: BinaryIO, size: int, source: str,
+                limits: Limits = DEFAULT_LIMITS) -> tuple[InstanceRecord, Walk]:
     """Check the Part 10 file in `fp` is complete and read its index record.
 
     `source` names the object in error messages (a file, a sender).
     Raises UnreadableObject with a reason a field engineer can act on.
     """
     try:
-        walk = check_part10(fp, size)
+        walk = check_part10(fp, size, limits)  # before pydicom: it would inflate or recurse unbounded
     except IncompleteDataset as exc:
         raise UnreadableObject(f"{source}: {exc}") from None
     fp.seek(0)

@@ -1,8 +1,10 @@
 """DIMSE command sets (PS3.7 section 9.3, 9.1): group 0000 in Implicit VR Little Endian.
 
-Only what C-ECHO and C-STORE need: reading a request's fields and writing
-a response. Command sets are a few hundred bytes; a dict of tag -> bytes
-is all the structure they need.
+Reading a request's fields and writing a response. Command sets are a few
+hundred bytes; a dict of tag -> bytes is all the structure they need. The
+parser is strict because the acceptor trusts nothing: every element must lie
+in group 0000 and inside the set, and the Command Group Length (0000,0000)
+must equal the bytes that follow it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import struct
 
 C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
 C_ECHO_RQ, C_ECHO_RSP = 0x0030, 0x8030
+C_CANCEL_RQ = 0x0FFF  # no response, ever (PS3.7 9.3.2.3)
 NO_DATASET = 0x0101
 
 AFFECTED_SOP_CLASS = 0x00000002
@@ -27,18 +30,32 @@ class CommandError(ValueError):
     """A command set we cannot read."""
 
 
+GROUP_LENGTH = 0x00000000
+
+
 def parse(data: bytes) -> dict[int, bytes]:
+    """The elements of a command set; CommandError names the first fault."""
     elements: dict[int, bytes] = {}
     offset = 0
     while offset + 8 <= len(data):
         group, element, length = struct.unpack_from("<HHI", data, offset)
         offset += 8
+        if group != 0x0000:
+            raise CommandError(f"element ({group:04X},{element:04X}) is not in the command group 0000")
         if offset + length > len(data):
-            raise CommandError("command element runs past the command set")
-        elements[(group << 16) | element] = data[offset : offset + length]
+            raise CommandError(f"command element (0000,{element:04X}) declares {length} bytes, "
+                               f"only {len(data) - offset} remain")
+        elements[element] = data[offset : offset + length]
         offset += length
     if offset != len(data):
         raise CommandError("trailing bytes after the command set")
+    raw_length = elements.get(GROUP_LENGTH)
+    if raw_length is None or len(raw_length) != 4 or data[:4] != b"\0\0\0\0":
+        raise CommandError("command group length (0000,0000) is missing or not first")
+    (declared,) = struct.unpack("<I", raw_length)
+    if declared != len(data) - 12:
+        raise CommandError(f"command group length (0000,0000) says {declared} bytes, "
+                           f"the set holds {len(data) - 12}")
     return elements
 
 
@@ -52,7 +69,8 @@ def us(elements: dict[int, bytes], tag: int, default: int | None = None) -> int:
 
 
 def ui(elements: dict[int, bytes], tag: int) -> str:
-    return elements.get(tag, b"").decode("ascii", "replace").rstrip("\x00 ")
+    """A UID value as text; latin-1 keeps each byte for peertext.printable()."""
+    return elements.get(tag, b"").decode("latin-1").rstrip("\x00 ")
 
 
 def _element(tag: int, value: bytes) -> bytes:

@@ -7,6 +7,10 @@ spool file to `Archive.ingest_file()` and answers with what the archive says:
     stored / duplicate / replaced  -> 0x0000 Success (only after fsync + index commit)
     OutOfSpace                     -> 0xA700 Refused: out of resources (sender retries)
     Rejected                       -> 0xC000 Cannot understand (bytes in quarantine)
+    command and dataset disagree   -> 0xA900 (SOP Class UID) or 0xC000 (SOP Instance UID),
+                                      bytes in quarantine
+
+Peer text (AE titles, UIDs) reaches the log only through peertext.printable().
 """
 
 from __future__ import annotations
@@ -18,14 +22,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.archive.ingest import Archive, OutOfSpace, Rejected
+from appliance.archive.record import InstanceRecord
 from appliance.config import NodeSettings
-from appliance.dicom.acceptor import Acceptor, Peer, StoreRequest
+from appliance.dicom.acceptor import Acceptor
+from appliance.dicom.dimse import Peer, StoreRequest
+from appliance.dicom.peertext import printable
 
 log = logging.getLogger("appliance.dicom")
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
+SOP_CLASS_MISMATCH = 0xA900  # PS3.4 B.2.3: "Data Set does not match SOP Class"
+
+
+def disagreement(request: StoreRequest, record: InstanceRecord) -> tuple[int, str] | None:
+    """(status, reason) when the C-STORE command names another object than its dataset holds.
+
+    The command's Affected SOP Class UID against the dataset's SOP Class UID
+    gives 0xA900, the status PS3.4 defines for it. For the SOP Instance UID
+    PS3.4 has no status of its own: 0xC000 "cannot understand" (an error, not
+    a refusal: sending the same bytes again cannot succeed).
+    """
+    if request.sop_class_uid and record.sop_class_uid and request.sop_class_uid != record.sop_class_uid:
+        return SOP_CLASS_MISMATCH, ("the command's Affected SOP Class UID "
+                                    f"{printable(request.sop_class_uid)} "
+                                    f"differs from the dataset's {printable(record.sop_class_uid)}")
+    if request.sop_instance_uid != record.sop_instance_uid:
+        return CANNOT_UNDERSTAND, (f"the command's Affected SOP Instance UID "
+                                   f"{printable(request.sop_instance_uid)} differs from the dataset's "
+                                   f"{printable(record.sop_instance_uid)}")
+    return None
 
 
 @dataclass
@@ -67,6 +94,10 @@ class DicomService:
     def new_spool_path(self) -> Path:
         return self.archive.new_temp_path()
 
+    def closed(self, peer: Peer) -> None:
+        """An association thread ends: close its index connection (one per thread)."""
+        self.archive.index.close()
+
     def rejected(self, peer: Peer, reason: str) -> None:
         log.warning("rejected association from %s: %s", peer, reason)
         self.counters.bump("associations_rejected", reason)
@@ -83,15 +114,29 @@ class DicomService:
             log.error("C-STORE from %s refused (0xA700): %s", peer, reason)
             self.counters.bump("refused_out_of_space", reason)
             return OUT_OF_RESOURCES, "Gateway disk full or unwritable; retry later"
+        mismatch: list[tuple[int, str]] = []
+
+        def agree(record: InstanceRecord) -> str | None:
+            found = disagreement(request, record)
+            if found is None:
+                return None
+            mismatch.append(found)
+            return found[1]
+
         try:
             stored = self.archive.ingest_file(request.path, calling_ae=peer.calling_ae,
-                                              source=f"C-STORE from {peer}")
+                                              source=f"C-STORE from {peer}", expect=agree)
         except OutOfSpace as exc:
             log.error("C-STORE from %s refused (0xA700): %s", peer, exc)
             self.counters.bump("refused_out_of_space", str(exc))
             return OUT_OF_RESOURCES, "Gateway disk full or unwritable; retry later"
         except Rejected as exc:
             self.counters.bump("rejected", exc.reason)
+            if mismatch:
+                status, reason = mismatch[0]
+                log.warning("C-STORE from %s refused (%#06x): %s", peer, status, reason)
+                comment = "SOP Class UID" if status == SOP_CLASS_MISMATCH else "SOP Instance UID"
+                return status, f"{comment} of command and dataset differ"
             return CANNOT_UNDERSTAND, f"Unreadable dataset: {exc.reason[-44:]}"
         except Exception as exc:  # a bug must cost a retry, never the service
             log.exception("C-STORE from %s failed unexpectedly; answered 0xA700 so it is retried", peer)

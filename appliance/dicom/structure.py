@@ -7,6 +7,13 @@ the encoded stream: every element's declared length must fit in the file,
 every sequence and item of undefined length must be closed, and the stream
 must end exactly on an element boundary. Values are skipped, not read, so the
 walk costs microseconds even for a large multi-frame object.
+
+The walk is also where hostile structure is stopped before pydicom sees it
+(`Limits`): sequences nested deeper than `max_depth` (10,000 levels once
+exhausted Python's recursion and cost the sender an endless retry), and a
+Deflated dataset that inflates beyond `max_inflated` bytes or `max_ratio`
+times its size (a 1 MB bomb inflates to 1 GB). Both raise `LimitExceeded`,
+an `IncompleteDataset`: the object is quarantined and refused with 0xC000.
 """
 
 from __future__ import annotations
@@ -33,6 +40,23 @@ DEFLATED = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.1.100"}
 
 class IncompleteDataset(ValueError):
     """The encoded dataset is truncated or malformed; the message says where."""
+
+
+class LimitExceeded(IncompleteDataset):
+    """The dataset goes past a stated bound (nesting, inflated size or ratio)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what the walk accepts; [node] max_sequence_depth, max_inflated_mb, max_inflate_ratio."""
+
+    max_depth: int = 64
+    max_inflated: int = 64 * 1024 * 1024
+    max_ratio: int = 200
+
+
+DEFAULT_LIMITS = Limits()
+RATIO_FLOOR = 1 << 20  # below 1 MB inflated, any ratio is harmless (small text compresses well)
 
 
 class _Stream:
@@ -80,7 +104,8 @@ class _Stream:
 
 
 def _walk_dataset(
-    s: _Stream, implicit: bool, end: int | None, in_item: bool, seen: dict[int, int] | None = None
+    s: _Stream, implicit: bool, end: int | None, in_item: bool, seen: dict[int, int] | None = None,
+    depth: int = 0, limits: Limits = DEFAULT_LIMITS,
 ) -> None:
     """Walk elements until `end` (defined-length item), an item delimiter or EOF.
 
@@ -116,31 +141,45 @@ def _walk_dataset(
         if seen is not None:
             seen[tag] = length
         if length != UNDEFINED:
-            s.skip(length, label)
+            if vr == b"SQ" and not implicit:
+                _walk_sequence(s, implicit, label, depth + 1, limits, end=s.pos() + length)
+            else:
+                s.skip(length, label)
         elif tag == PIXEL_DATA:
             _walk_fragments(s, label)
         elif vr in (b"SQ", b"UN") or implicit:
             # UN of undefined length is an implicit VR little endian sequence (PS3.5 6.2.2).
-            _walk_sequence(s, implicit or vr == b"UN", label)
+            _walk_sequence(s, implicit or vr == b"UN", label, depth + 1, limits)
         else:
             raise IncompleteDataset(f"{label} has undefined length but VR {vr.decode('ascii', 'replace')}")
 
 
-def _walk_sequence(s: _Stream, implicit: bool, label: str) -> None:
+def _walk_sequence(s: _Stream, implicit: bool, label: str, depth: int, limits: Limits,
+                   end: int | None = None) -> None:
+    """The items of a sequence: up to its delimiter, or up to `end` for a defined length."""
+    if depth > limits.max_depth:
+        raise LimitExceeded(f"sequences nested more than {limits.max_depth} deep at byte {s.pos()} "
+                            "([node] max_sequence_depth)")
+    if end is not None and end > s.size:
+        raise IncompleteDataset(f"{label} runs past the end of the file")
     while True:
+        if end is not None and s.pos() >= end:
+            if s.pos() > end:
+                raise IncompleteDataset(f"an item overruns {label} ending at byte {end}")
+            return
         tag = s.tag(f"a sequence item of {label}")
         length = s.u32(f"a sequence item of {label}")
-        if tag == SEQUENCE_END:
+        if tag == SEQUENCE_END and end is None:
             return
         if tag != ITEM:
             raise IncompleteDataset(f"{label}: expected an item at byte {s.pos() - 8}")
         if length == UNDEFINED:
-            _walk_dataset(s, implicit, None, in_item=True)
+            _walk_dataset(s, implicit, None, in_item=True, depth=depth, limits=limits)
         else:
             item_end = s.pos() + length
-            if item_end > s.size:
-                raise IncompleteDataset(f"an item of {label} runs past the end of the file")
-            _walk_dataset(s, implicit, item_end, in_item=True)
+            if item_end > s.size or (end is not None and item_end > end):
+                raise IncompleteDataset(f"an item of {label} runs past its end")
+            _walk_dataset(s, implicit, item_end, in_item=True, depth=depth, limits=limits)
 
 
 def _walk_fragments(s: _Stream, label: str) -> None:
@@ -174,7 +213,7 @@ class Walk:
         return None if length is None or length == UNDEFINED else length
 
 
-def check_part10(fp: BinaryIO, size: int) -> Walk:
+def check_part10(fp: BinaryIO, size: int, limits: Limits = DEFAULT_LIMITS) -> Walk:
     """Check a DICOM Part 10 file; raise IncompleteDataset if it is not complete."""
     fp.seek(0)
     head = fp.read(132)
@@ -205,20 +244,51 @@ def check_part10(fp: BinaryIO, size: int) -> Walk:
     if not transfer_syntax:
         raise IncompleteDataset("file meta information has no Transfer Syntax UID (0002,0010)")
     dataset_offset = s.pos()
-    seen = check_dataset(fp, size, UID(transfer_syntax))
+    seen = check_dataset(fp, size, UID(transfer_syntax), limits)
     return Walk(UID(transfer_syntax), seen, dataset_offset)
 
 
-def check_dataset(fp: BinaryIO, size: int, transfer_syntax: UID) -> dict[int, int]:
+def inflate(fp: BinaryIO, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """The rest of `fp` inflated, stopping as soon as a limit is passed (never inflating it all)."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    consumed = 0
+    try:
+        while True:
+            chunk = fp.read(1 << 16)
+            if not chunk:
+                break
+            pending = chunk
+            while pending:
+                before = len(pending)
+                # At most RATIO_FLOOR per call, so a bomb is caught by its ratio after
+                # about 1 MB instead of filling max_inflated first.
+                out += inflater.decompress(pending, min(RATIO_FLOOR, limits.max_inflated + 1 - len(out)))
+                pending = inflater.unconsumed_tail
+                consumed += before - len(pending)
+                if len(out) > limits.max_inflated:
+                    raise LimitExceeded(f"deflated dataset inflates beyond {limits.max_inflated} bytes "
+                                        "([node] max_inflated_mb)")
+                if len(out) > RATIO_FLOOR and len(out) > limits.max_ratio * max(consumed, 1):
+                    raise LimitExceeded(f"deflated dataset inflates more than {limits.max_ratio} times "
+                                        f"({consumed} bytes gave {len(out)}; [node] max_inflate_ratio)")
+                if inflater.eof:
+                    break
+            if inflater.eof:
+                break
+        out += inflater.flush()
+    except zlib.error as exc:
+        raise IncompleteDataset(f"deflated dataset cannot be inflated: {exc}") from None
+    if not inflater.eof:
+        raise IncompleteDataset("deflated dataset is truncated")
+    return bytes(out)
+
+
+def check_dataset(fp: BinaryIO, size: int, transfer_syntax: UID,
+                  limits: Limits = DEFAULT_LIMITS) -> dict[int, int]:
     """Walk the dataset from the current position; return its top-level tag lengths."""
     if transfer_syntax in DEFLATED:
-        try:
-            inflated = zlib.decompressobj(-zlib.MAX_WBITS)
-            data = inflated.decompress(fp.read()) + inflated.flush()
-        except zlib.error as exc:
-            raise IncompleteDataset(f"deflated dataset cannot be inflated: {exc}") from None
-        if not inflated.eof:
-            raise IncompleteDataset("deflated dataset is truncated")
+        data = inflate(fp, limits)
         fp, size = io.BytesIO(data), len(data)
         little, implicit = True, False
     elif transfer_syntax == "1.2.840.10008.1.2":
@@ -228,5 +298,5 @@ def check_dataset(fp: BinaryIO, size: int, transfer_syntax: UID) -> dict[int, in
     else:
         little, implicit = True, False  # explicit VR little endian and all encapsulated ones
     seen: dict[int, int] = {}
-    _walk_dataset(_Stream(fp, size, little), implicit, None, in_item=False, seen=seen)
+    _walk_dataset(_Stream(fp, size, little), implicit, None, in_item=False, seen=seen, limits=limits)
     return seen
