@@ -68,3 +68,17 @@ def test_reserve_refuses_before_writing(tmp_path: Path) -> None:
     with pytest.raises(OutOfSpace, match="free space or add disks"):
         archive.ingest_bytes((TEST_FILES / "CT_small.dcm").read_bytes())
     assert _files(archive.root) == [] and _files(archive.temp_dir) == []
+
+
+def test_a_quarantine_record_cannot_be_forged_by_peer_text(tmp_path: Path) -> None:
+    """The reason file beside a rejected object keeps one line per field, whatever the peer sent."""
+    archive = Archive(tmp_path)
+    temp = archive.temp_dir / "bad.part"
+    temp.write_bytes(b"not dicom")
+    kept = archive.quarantine(temp, "truncated", calling_ae="\xff\x1b[31m\nreason: FORGED",
+                              source="/media/cd/a\nsource: FORGED")
+    assert kept is not None and kept.read_bytes() == b"not dicom"
+    lines = kept.with_suffix(".txt").read_text(encoding="utf-8").splitlines()
+    assert [line.split(":", 1)[0] for line in lines] == ["reason", "calling_ae", "source", "received_at"]
+    assert lines[1] == "calling_ae: \\xff\\x1b[31m\\x0areason: FORGED"
+    assert "FORGED" not in lines[0] and lines[2].startswith("source: /media/cd/a\\x0a")

@@ -37,6 +37,7 @@ from appliance.archive import durable, layout
 from appliance.archive.index import Index
 from appliance.archive.record import InstanceRecord, UnreadableObject, read_record
 from appliance.dicom.structure import DEFAULT_LIMITS, Limits
+from appliance.peertext import printable
 from appliance.processes import pid_alive
 
 log = logging.getLogger("appliance.archive")
@@ -346,7 +347,10 @@ class Archive:
             durable.write_durable(
                 folder / f"{name}.txt",
                 (
-                    f"reason: {reason}\ncalling_ae: {calling_ae}\nsource: {source}\n"
+                    # One line per field: a calling AE or a file name holding a newline
+                    # must not forge a line of this record.
+                    f"reason: {printable(reason, 1024)}\ncalling_ae: {printable(calling_ae)}\n"
+                    f"source: {printable(source, 1024)}\n"
                     f"received_at: {stamp.isoformat(timespec='seconds')}\n"
                 ).encode("utf-8", "replace"),
                 self.temp_dir,

@@ -32,8 +32,8 @@ from appliance.config import NodeSettings
 from appliance.dicom import associate, dimse, negotiation, pdu
 from appliance.dicom.association import Association
 from appliance.dicom.dimse import Handlers, Peer
-from appliance.dicom.peertext import printable
 from appliance.dicom.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
+from appliance.peertext import printable
 
 log = logging.getLogger("appliance.dicom")
 

@@ -25,7 +25,7 @@ import struct
 from dataclasses import dataclass, field
 
 from appliance.dicom import pdu
-from appliance.dicom.peertext import printable
+from appliance.peertext import printable
 
 MAX_UID = 64
 

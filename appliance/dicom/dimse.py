@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from appliance.dicom import command
-from appliance.dicom.peertext import printable
 from appliance.dicom.spool import Spool, file_meta
+from appliance.peertext import printable
 
 if TYPE_CHECKING:
     from appliance.dicom.association import Association

@@ -26,7 +26,7 @@ from appliance.archive.record import InstanceRecord
 from appliance.config import NodeSettings
 from appliance.dicom.acceptor import Acceptor
 from appliance.dicom.dimse import Peer, StoreRequest
-from appliance.dicom.peertext import printable
+from appliance.peertext import printable
 
 log = logging.getLogger("appliance.dicom")
 
