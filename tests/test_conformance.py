@@ -17,7 +17,8 @@ from pynetdicom import AE, build_context
 from pynetdicom.sop_class import _STORAGE_CLASSES
 
 from appliance import __version__
-from appliance.dicom import dimse, negotiation, scp
+from appliance.config import NodeSettings
+from appliance.dicom import dimse, negotiation, pdu, scp
 from appliance.dicom.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "CONFORMANCE.md"
@@ -80,6 +81,19 @@ def test_implementation_identification_matches_the_code_and_the_association(gate
     try:
         assert assoc.acceptor.implementation_class_uid == IMPLEMENTATION_CLASS_UID
         assert assoc.acceptor.implementation_version_name == IMPLEMENTATION_VERSION
+    finally:
+        assoc.release()
+
+
+def test_association_limits_match_the_code_and_the_association(gateway) -> None:
+    rows = {row[0]: row[1] for row in table("association-limits")}
+    assert rows["Application context name"] == pdu.APPLICATION_CONTEXT
+    [max_pdu] = [value for item, value in rows.items() if item.startswith("Maximum PDU length")]
+    assert int(max_pdu) == NodeSettings().max_pdu
+    assert int(rows["Largest A-ASSOCIATE-RQ read (bytes)"]) == pdu.MAX_ASSOCIATE_RQ
+    assoc = propose(gateway.port, [(negotiation.VERIFICATION, negotiation.UNCOMPRESSED)])
+    try:
+        assert assoc.acceptor.maximum_length == int(max_pdu)
     finally:
         assoc.release()
 
@@ -152,7 +166,7 @@ def test_status_table_lists_every_status_the_code_returns() -> None:
     assert missing == [], f"status constants missing from the table: {missing}"
 
 
-def test_user_rejection_is_the_documented_result_for_a_peer_without_the_service() -> None:
-    text = DOC.read_text(encoding="utf-8")
-    assert "result 1 (user-rejection" in text or "result 1\nuser-rejection" in text or "with result 1" in text
+def test_the_result_documented_for_a_peer_without_the_service_is_the_codes() -> None:
+    text = " ".join(DOC.read_text(encoding="utf-8").split())
+    assert "storage contexts refused with result 1 (user-rejection" in text
     assert negotiation.USER_REJECTION == 1
