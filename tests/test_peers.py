@@ -173,3 +173,17 @@ def test_allowed_callers_still_works_without_peers(make_appliance, tmp_path: Pat
     assert echo(proc.port, aet="CT1") == 0
     assert echo(proc.port, aet="OTHER") != 0
     logged(proc, "not in [node] allowed_callers")
+
+
+def test_addresses_and_networks_match_as_a_field_engineer_writes_them() -> None:
+    from appliance.dicom.peers import PeerSettings, match
+
+    entries = (PeerSettings("CT1", "192.168.1.0/24"), PeerSettings("WS", "::1"),
+               PeerSettings("CT1", "10.0.0.7"), PeerSettings("ANY"))
+    assert match(entries, "CT1", "192.168.1.200") is entries[0]
+    assert match(entries, "CT1", "::ffff:192.168.1.9") is entries[0]  # IPv4 on a dual-stack socket
+    assert match(entries, "CT1", "10.0.0.7") is entries[2]
+    assert match(entries, "CT1", "10.0.0.8") is None
+    assert match(entries, "WS", "::1") is entries[1] and match(entries, "WS", "127.0.0.1") is None
+    assert match(entries, "ANY", "203.0.113.5") is entries[3]
+    assert match(entries, "ct1", "192.168.1.200") is None  # AE titles are case-sensitive
