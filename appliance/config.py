@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance.dicom.peers import PeerSettings
+
 CONFIG_ENV = "APPLIANCE_CONFIG"
 # Where the appliance image keeps its configuration: a field engineer's
 # `appliance status` over SSH must look at the same data as the services.
@@ -150,6 +152,11 @@ def check_psnr(value: float) -> str | None:
     return None if 0 <= value <= 200 else "a PSNR in dB from 0 (no bound) to 200"
 
 
+def check_on_conflict(value: str) -> str | None:
+    allowed = ("replace", "keep-first", "reject")
+    return None if value in allowed else f"one of {', '.join(allowed)}"
+
+
 def check_quality(value: int) -> str | None:
     return None if 1 <= value <= 100 else "a number from 1 (smallest) to 100 (best)"
 
@@ -174,6 +181,10 @@ class StorageSettings:
     )
     lossy_min_psnr: float = _checked(
         28.0, check_psnr, "a lossy result under this PSNR (dB) against its source is refused, original kept"
+    )
+    on_conflict: str = _checked(
+        "replace", check_on_conflict,
+        "another sender re-sends an instance with other content: replace, keep-first or reject",
     )
 
     def syntax(self, format_class: str) -> str:
@@ -291,6 +302,7 @@ class Settings:
     storage: StorageSettings = field(default_factory=StorageSettings)
     forward: ForwardSettings = field(default_factory=ForwardSettings)
     destinations: tuple[DestinationSettings, ...] = ()
+    peers: tuple[PeerSettings, ...] = ()
     disks: DisksSettings = field(default_factory=lambda: DisksSettings(enabled=False))
     web: WebSettings = field(default_factory=WebSettings)
     source: str = "embedded defaults"
@@ -303,7 +315,8 @@ class Settings:
 SECTIONS: dict[str, type] = {"node": NodeSettings, "storage": StorageSettings,
                              "forward": ForwardSettings, "disks": DisksSettings, "web": WebSettings}
 # Sections written [[name]], one table per item: name -> (Settings attribute, class).
-LIST_SECTIONS: dict[str, tuple[str, type]] = {"destination": ("destinations", DestinationSettings)}
+LIST_SECTIONS: dict[str, tuple[str, type]] = {"destination": ("destinations", DestinationSettings),
+                                              "peer": ("peers", PeerSettings)}
 
 
 # --- loading ------------------------------------------------------------------
@@ -398,7 +411,7 @@ def parse(text: str, source: str) -> Settings:
                 raise ConfigError(f"{source}: write [[{name}]] (one per {name}), not [{name}]")
             built = [build_section(cls, item, source, f"{name} #{n}")
                      for n, item in enumerate(table, start=1)]
-            names = [item.name for item in built]
+            names = [item.name for item in built if hasattr(item, "name")]
             duplicates = sorted({n for n in names if names.count(n) > 1})
             if duplicates:
                 raise ConfigError(f"{source}: [[{name}]] name {duplicates[0]!r} is used twice")
@@ -409,6 +422,9 @@ def parse(text: str, source: str) -> Settings:
             raise ConfigError(f"{source}: unknown section [{name}]; allowed sections: {allowed}")
         sections[name] = build_section(SECTIONS[name], table, source, name)
     settings = Settings(**sections, source=source)
+    if settings.peers and settings.node.allowed_callers:
+        raise ConfigError(f"{source}: [node] allowed_callers and [[peer]] entries are both set; list every "
+                          "caller as a [[peer]] and remove allowed_callers")
     return _absolute(settings)
 
 

@@ -61,9 +61,13 @@ class Rejected(Exception):
         self.quarantined = quarantined
 
 
+class Conflict(Rejected):
+    """[storage] on_conflict = "reject": another sender's instance with other content; bytes in quarantine."""
+
+
 @dataclass(frozen=True)
 class Stored:
-    outcome: Literal["stored", "duplicate", "replaced"]
+    outcome: Literal["stored", "duplicate", "replaced", "kept-first"]
     record: InstanceRecord
     path: Path
     sha256: str
@@ -86,6 +90,9 @@ class Archive:
         self.replaced_dir = data_dir / "replaced"
         self.quarantine_dir = data_dir / "quarantine"
         self.min_free_bytes = min_free_bytes
+        # What a sender's different content under another sender's SOP Instance UID does
+        # ([storage] on_conflict); the DICOM service sets it from the configuration.
+        self.on_conflict = "replace"
         self.on_indexed: list[IndexedHook] = []
         for directory in (self.root, self.temp_dir, self.lock_dir):
             durable.make_dirs_durable(directory)
@@ -224,6 +231,10 @@ class Archive:
             if _dataset_digest(temp, dataset_offset) == _stored_dataset_digest(existing, old_path):
                 _discard(temp)
                 return Stored("duplicate", record, old_path, existing["sha256"], size)
+            if keep_previous and self.on_conflict != "replace":
+                kept_first = self._conflict(temp, record, old_path, calling_ae, source)
+                if kept_first is not None:
+                    return Stored("kept-first", record, old_path, existing["sha256"], size)
             if old_path == target:
                 # The acknowledged version stays where the index points until the
                 # new one is committed, so the new one takes a name of its own.
@@ -269,6 +280,29 @@ class Archive:
             record.sop_instance_uid, calling_ae or source, target, kept,
         )
         return Stored("replaced", record, target, digest, size)
+
+    def _conflict(self, temp: Path, record: InstanceRecord, old_path: Path, calling_ae: str,
+                  source: str) -> Path | None:
+        """Apply on_conflict when another sender re-sends an instance with other content.
+
+        A sender correcting its own image (same calling AE) always replaces, as
+        do the importer and the store-format conversion (no calling AE). Between
+        two DICOM senders, "keep-first" keeps the stored version and answers
+        success (the new bytes go to quarantine, so an acknowledged object is
+        never lost), "reject" refuses with Conflict. Returns the quarantined path
+        for keep-first, None when the new version is to replace the old one.
+        """
+        first = (self.index.instance(record.sop_instance_uid) or {}).get("calling_ae") or ""
+        if not calling_ae or not first or first == calling_ae:
+            return None
+        reason = (f"SOP Instance {printable(record.sop_instance_uid)} already stored from "
+                  f"{printable(first)} with other content ([storage] on_conflict = {self.on_conflict})")
+        quarantined = self.quarantine(temp, reason, calling_ae=calling_ae, source=source)
+        if self.on_conflict == "reject":
+            raise Conflict(reason, quarantined)
+        log.warning("%s from %s: kept the first version %s; the new one is in %s", reason,
+                    printable(calling_ae), old_path, quarantined)
+        return quarantined or old_path
 
     def _kept_as_derivation(self, sop_instance_uid: str, temp: Path, dataset_offset: int) -> Path | None:
         """The archive stores this original lossy-compressed under another UID: the

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from appliance.config import NodeSettings
-from appliance.dicom import associate, dimse, negotiation, pdu
+from appliance.dicom import associate, dimse, negotiation, pdu, peers
 from appliance.dicom.association import Association
 from appliance.dicom.dimse import Handlers, Peer
 from appliance.dicom.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
@@ -56,8 +56,10 @@ class Acceptor:
     """Listens on the DICOM port and runs one Association per accepted association."""
 
     def __init__(self, node: NodeSettings, handlers: Handlers,
-                 dispatch: dict[int, dimse.Handler] | None = None) -> None:
+                 dispatch: dict[int, dimse.Handler] | None = None,
+                 known: tuple[peers.PeerSettings, ...] = ()) -> None:
         self.node = node
+        self.known = known  # [[peer]]: empty = no per-peer control
         self.handlers = handlers
         self.dispatch = dict(dispatch or dimse.DEFAULT_DISPATCH)
         self._active: set[Association] = set()
@@ -242,11 +244,19 @@ class Acceptor:
         except pdu.Reject as exc:
             self._reject(entry, peer, exc)
             return
+        allowed = peers.match(self.known, request.calling_ae, entry.address[0]) if self.known else None
+        if self.known and allowed is None:
+            self._reject(entry, peer, pdu.Reject(
+                peers.refusal(self.known, request.calling_ae, entry.address[0]),
+                pdu.REJECTED_PERMANENT, pdu.RJ_USER, pdu.RJ_CALLING_AE))
+            return
         contexts: dict[int, tuple[str, str]] = {}
         results = []
         storage: set[str] = set()
         for proposed in request.contexts:
             result, syntax = negotiation.choose(proposed.abstract_syntax, proposed.transfer_syntaxes)
+            if result == negotiation.ACCEPTANCE and not peers.allows(allowed, proposed.abstract_syntax):
+                result, syntax = negotiation.USER_REJECTION, ""
             results.append((proposed.context_id, result, syntax))
             if result == negotiation.ACCEPTANCE:
                 contexts[proposed.context_id] = (proposed.abstract_syntax, syntax)
@@ -284,6 +294,13 @@ class Acceptor:
         if request.called_ae != self.node.ae_title:
             log.info("association from %s calls us %s, not %s (accepted anyway)", peer,
                      printable(request.called_ae), self.node.ae_title)
+        if self.known and len(contexts) < len(request.contexts):
+            refused = sorted({printable(c.abstract_syntax) for c in request.contexts
+                              if c.context_id not in contexts and negotiation.choose(
+                                  c.abstract_syntax, c.transfer_syntaxes)[0] == negotiation.ACCEPTANCE})
+            if refused:
+                log.warning("association from %s: presentation contexts refused because its [[peer]] entry "
+                            "lacks their service (add it to services): %s", peer, ", ".join(refused))
         if not contexts:
             proposed = sorted({printable(c.abstract_syntax) for c in request.contexts})
             log.warning("association from %s: none of its presentation contexts can be served "

@@ -76,8 +76,9 @@ def _ensure_registered(abstract_syntax: str) -> bool:
         return True
 
 
-# Presentation context results (PS3.8 9.3.3.2).
-ACCEPTANCE, ABSTRACT_SYNTAX_NOT_SUPPORTED, TRANSFER_SYNTAXES_NOT_SUPPORTED = 0, 3, 4
+# Presentation context results (PS3.8 9.3.3.2). User rejection is what a [[peer]] entry
+# without the context's service gets: the syntax is supported, this caller may not use it.
+ACCEPTANCE, USER_REJECTION, ABSTRACT_SYNTAX_NOT_SUPPORTED, TRANSFER_SYNTAXES_NOT_SUPPORTED = 0, 1, 3, 4
 
 
 def choose(abstract_syntax: str, proposed: list[str]) -> tuple[int, str]:

@@ -6,6 +6,9 @@ spool file to `Archive.ingest_file()` and answers with what the archive says:
 
     stored / duplicate / replaced  -> 0x0000 Success (only after fsync + index commit)
     OutOfSpace                     -> 0xA700 Refused: out of resources (sender retries)
+    kept-first ([storage] on_conflict) -> 0x0000 Success (the first version stays; new bytes in quarantine)
+    Conflict ([storage] on_conflict = "reject")
+                                   -> 0x0111 Duplicate SOP Instance (bytes in quarantine)
     Rejected                       -> 0xC000 Cannot understand (bytes in quarantine)
     command and dataset disagree   -> 0xA900 (SOP Class UID) or 0xC000 (SOP Instance UID),
                                       bytes in quarantine
@@ -21,11 +24,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.archive.ingest import Archive, OutOfSpace, Rejected
+from appliance.archive.ingest import Archive, Conflict, OutOfSpace, Rejected
 from appliance.archive.record import InstanceRecord
 from appliance.config import NodeSettings
 from appliance.dicom.acceptor import Acceptor
 from appliance.dicom.dimse import Peer, StoreRequest
+from appliance.dicom.peers import PeerSettings
 from appliance.peertext import printable
 
 log = logging.getLogger("appliance.dicom")
@@ -34,6 +38,7 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 SOP_CLASS_MISMATCH = 0xA900  # PS3.4 B.2.3: "Data Set does not match SOP Class"
+DUPLICATE_SOP_INSTANCE = 0x0111  # PS3.7 C.5: the UID is already another object's (on_conflict = reject)
 
 
 def disagreement(request: StoreRequest, record: InstanceRecord) -> tuple[int, str] | None:
@@ -62,6 +67,7 @@ class Counters:
     stored: int = 0
     duplicates: int = 0
     replaced: int = 0
+    conflicts: int = 0
     rejected: int = 0
     refused_out_of_space: int = 0
     associations_rejected: int = 0
@@ -83,11 +89,11 @@ class Counters:
 class DicomService:
     """Verification + Storage SCP bound to an archive."""
 
-    def __init__(self, node: NodeSettings, archive: Archive) -> None:
+    def __init__(self, node: NodeSettings, archive: Archive, known: tuple[PeerSettings, ...] = ()) -> None:
         self.node = node
         self.archive = archive
         self.counters = Counters()
-        self.acceptor = Acceptor(node, self)
+        self.acceptor = Acceptor(node, self, known=known)
 
     # --- handlers the acceptor calls --------------------------------------------
 
@@ -130,6 +136,10 @@ class DicomService:
             log.error("C-STORE from %s refused (0xA700): %s", peer, exc)
             self.counters.bump("refused_out_of_space", str(exc))
             return OUT_OF_RESOURCES, "Gateway disk full or unwritable; retry later"
+        except Conflict as exc:
+            self.counters.bump("conflicts", exc.reason)
+            log.warning("C-STORE from %s refused (0x0111): %s", peer, exc.reason)
+            return DUPLICATE_SOP_INSTANCE, "Instance already stored from another sender"
         except Rejected as exc:
             self.counters.bump("rejected", exc.reason)
             if mismatch:
@@ -142,7 +152,8 @@ class DicomService:
             log.exception("C-STORE from %s failed unexpectedly; answered 0xA700 so it is retried", peer)
             self.counters.bump("refused_out_of_space", f"internal error: {exc}")
             return OUT_OF_RESOURCES, "Gateway internal error; retry later"
-        self.counters.bump(stored.outcome if stored.outcome != "duplicate" else "duplicates")
+        counter = {"duplicate": "duplicates", "kept-first": "conflicts"}.get(stored.outcome, stored.outcome)
+        self.counters.bump(counter)
         with self.counters.lock:
             self.counters.last_store_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         log.debug("C-STORE %s from %s: %s %s", stored.record.sop_instance_uid, peer, stored.outcome,

@@ -22,7 +22,8 @@ def run(settings: Settings) -> int:
     except OSError as exc:
         log.error("cannot clean %s: %s", archive.temp_dir, exc)
         return 1
-    service = DicomService(node, archive)
+    archive.on_conflict = settings.storage.on_conflict
+    service = DicomService(node, archive, known=settings.peers)
     try:
         service.start()
     except OSError as exc:
