@@ -6,7 +6,7 @@
     appliance forward             the forwarder alone ([[destination]] sections)
     appliance disks [ACTION]      the disk service alone, or status|adopt|copy|verify|rebuild|rescan
     appliance web                 the status page, /api/status and /metrics alone ([web])
-    appliance queue [...]         the forward queue: list, retry, pause, resume
+    appliance queue [...]         the forward queue: list, retry, drop, pause, resume
     appliance send --to NAME ...  queue a study or a patient for a destination again
     appliance status [--json]     what is running, images today, disk space
     appliance find [...] [--json] which images the gateway holds, and where
@@ -71,12 +71,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="uncompressed, lossless, lossy ([storage] syntaxes), or a UID/keyword")
     trans.add_argument("--json", action="store_true", help="machine-readable report")
 
-    que = commands.add_parser("queue", help="forward queue: list, retry, pause, resume")
-    que.add_argument("action", nargs="?", choices=["retry", "pause", "resume"])
+    que = commands.add_parser("queue", help="forward queue: list, retry, drop, pause, resume")
+    que.add_argument("action", nargs="?", choices=["retry", "drop", "pause", "resume"])
     que.add_argument("targets", nargs="*", metavar="JOB|NAME")
     que.add_argument("--destination", metavar="NAME")
-    que.add_argument("--state", choices=["pending", "sending", "done", "failed"])
+    que.add_argument("--state", choices=["pending", "sending", "done", "failed", "dropped"])
     que.add_argument("--all", action="store_true", help="with retry: every failed job")
+    que.add_argument("--failed", action="store_true", help="with drop: every failed job")
     que.add_argument("--json", action="store_true", help="one JSON object per job")
 
     snd = commands.add_parser("send", help="queue archived images for a destination again")
@@ -176,6 +177,8 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
             return queue.send(settings, args.to, args.study, args.patient_id)
         if args.action == "retry":
             return queue.retry(settings, args.targets, args.all)
+        if args.action == "drop":
+            return queue.drop(settings, args.targets, args.failed)
         if args.action in ("pause", "resume"):
             if len(args.targets) != 1:
                 print(f"appliance queue {args.action}: give one destination name", file=sys.stderr)

@@ -18,6 +18,7 @@ from typing import Any
 
 from appliance.archive.index import Index
 from appliance.config import Settings
+from appliance.forward.queue import ForwardQueue
 from appliance.processes import pid_alive
 from appliance.service import state_dir
 from appliance.services import SERVICES, enabled_services
@@ -79,12 +80,14 @@ def collect(settings: Settings) -> dict[str, Any]:
             report["archive"]["patient_ids_with_several_names"] = count
             report["archive"]["several_names"] = listed
             report["archive"].update(refusal_counts(index, today.isoformat()))
+            report["forward_failed"] = ForwardQueue(index).failures()  # why each one failed
         finally:
             index.close()
     else:
         report["archive"] = {"instances": 0, "bytes": 0, "instances_today": 0, "bytes_today": 0,
                              "patient_ids_with_several_names": 0, "several_names": [],
                              "conversions_refused": 0, "conversions_refused_today": 0}
+    report.setdefault("forward_failed", [])
     quarantine_today = data_dir / "quarantine" / today.strftime("%Y%m%d")
     report["archive"]["rejected_today"] = (
         len(list(quarantine_today.glob("*.dcm"))) if quarantine_today.is_dir() else 0
@@ -123,6 +126,13 @@ def several_names_warnings(archive: dict[str, Any]) -> list[str]:
     return lines
 
 
+def failed_job_text(job: dict[str, Any]) -> str:
+    """One failed forward job and why, with what to do about it."""
+    return (f"job {job['id']} to {job['destination']} ({job['sop_instance_uid']}) failed after "
+            f"{job['attempts']} attempt(s): {job['last_status']}; `appliance queue retry {job['id']}` "
+            f"or `appliance queue drop {job['id']}`")
+
+
 def render(report: dict[str, Any]) -> str:
     lines = [
         f"Gateway {report['ae_title']} on DICOM port {report['dicom_port']}",
@@ -154,6 +164,8 @@ def render(report: dict[str, Any]) -> str:
                          f"{disk['instances']} images{health}")
         for warning in entry.get("warnings") or []:
             lines.append(f"    WARNING: {warning}")
+    for job in report.get("forward_failed") or []:
+        lines.append(f"  FAILED: {failed_job_text(job)}")
     archive = report["archive"]
     disk = report["disk"]
     lines += [

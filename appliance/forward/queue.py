@@ -2,9 +2,11 @@
 
 States: pending (waiting for its next attempt time), sending (on the wire
 right now), done (the destination acked it), failed (refused too often; a
-field engineer retries it). A crash leaves sending rows behind: at start
-they go back to pending and are counted as possible duplicates (the
-destination may have stored them before the crash: at least once).
+field engineer retries it), dropped (a field engineer gave up on it: kept
+in the history with its last status, never sent again unless retried).
+A crash leaves sending rows behind: at start they go back to pending and
+are counted as possible duplicates (the destination may have stored them
+before the crash: at least once).
 """
 
 from __future__ import annotations
@@ -146,6 +148,34 @@ class ForwardQueue:
                                           "next_attempt_at = 0 WHERE id = ? AND state != 'sending'",
                                           [(j,) for j in job_ids])
             return cursor.rowcount
+
+    def drop(self, job_ids: list[int] | None) -> int:
+        """Failed jobs (all, or those given, pending too) become 'dropped': kept, never sent again.
+
+        A job on the wire right now is left alone (its outcome is about to be written), and a job
+        already sent stays 'done'.
+        """
+        stamp = self._stamp()
+        with self.index.transaction() as conn:
+            if job_ids is None:
+                cursor = conn.execute("UPDATE forward_jobs SET state = 'dropped', updated_at = ? "
+                                      "WHERE state = 'failed'", (stamp,))
+            else:
+                cursor = conn.executemany("UPDATE forward_jobs SET state = 'dropped', updated_at = ? "
+                                          "WHERE id = ? AND state IN ('pending', 'failed')",
+                                          [(stamp, j) for j in job_ids])
+            return cursor.rowcount
+
+    def failures(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The most recent failed jobs with why each failed, for `appliance status` and the page."""
+        try:
+            rows = self.index.connection().execute(
+                "SELECT id, destination, sop_instance_uid, attempts, last_status, updated_at "
+                "FROM forward_jobs WHERE state = 'failed' ORDER BY updated_at DESC, id DESC LIMIT ?",
+                (limit,))
+        except sqlite3.OperationalError:
+            return []
+        return [dict(row) for row in rows]
 
     def enqueue(self, sop_instance_uids: list[str], destination: str) -> int:
         stamp = self._stamp()
