@@ -22,6 +22,7 @@ import os
 import secrets
 import shutil
 import sqlite3
+import stat
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
@@ -41,6 +42,9 @@ from appliance.processes import pid_alive
 log = logging.getLogger("appliance.archive")
 
 LOCK_STRIPES = 64
+# Rejected objects bigger than this are refused without keeping their bytes: a 2 GB sparse file that
+# starts like DICOM must not fill the disk as 2 GB of real blocks in quarantine.
+QUARANTINE_MAX_BYTES = 256_000_000
 TEMP_SUFFIX = ".part"
 
 IndexedHook = Callable[[sqlite3.Connection, int, InstanceRecord], None]
@@ -310,15 +314,35 @@ class Archive:
         A file without the Part 10 header (older CDs) is given one; its
         dataset bytes are then re-encoded by pydicom, not kept as they were.
         """
-        with self._new_temp() as temp, open(path, "rb") as src:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)  # a FIFO must not block us
+        with open(fd, "rb") as src:
+            info = os.fstat(src.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise Rejected(f"{path}: not a regular file", None)
             head = src.read(132)
             src.seek(0)
-            if head[128:132] == b"DICM":
-                with open(temp, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-            else:
-                _write_part10_from_raw(src, temp)
+            if info.st_size > QUARANTINE_MAX_BYTES:
+                self._check_before_copying(src, info.st_size, kwargs.get("source") or str(path),
+                                           head[128:132] == b"DICM")
+            with self._new_temp() as temp:
+                if head[128:132] == b"DICM":
+                    with open(temp, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+                else:
+                    _write_part10_from_raw(src, temp)
         return self.ingest_file(temp, **kwargs)
+
+    def _check_before_copying(self, src: BinaryIO, size: int, source: str, part10: bool) -> None:
+        """A file too big for quarantine is checked where it lies: refused, nothing copied."""
+        limit = f"{size:,} bytes, over the quarantine limit of {QUARANTINE_MAX_BYTES:,}: nothing copied"
+        if not part10:
+            raise Rejected(f"{source}: a dataset without the Part 10 header of {limit}", None)
+        try:
+            read_record(src, size, source)
+        except UnreadableObject as exc:
+            raise Rejected(f"{exc}; {limit}", None) from None
+        finally:
+            src.seek(0)
 
     def ingest_dataset(self, ds: Dataset, **kwargs) -> Stored:
         """Archive a dataset built in memory (dicomizers, the store-format converter)."""
@@ -330,6 +354,12 @@ class Archive:
 
     def quarantine(self, temp: Path, reason: str, *, calling_ae: str = "", source: str = "") -> Path | None:
         """Keep the bytes of a rejected object with the reason beside them."""
+        size = temp.stat().st_size if temp.exists() else 0
+        if size > QUARANTINE_MAX_BYTES:
+            _discard(temp)
+            log.warning("rejected object (%s); %s bytes, over the quarantine limit of %s: not kept",
+                        reason, f"{size:,}", f"{QUARANTINE_MAX_BYTES:,}")
+            return None
         stamp = now_local()
         folder = self.quarantine_dir / stamp.strftime("%Y%m%d")
         name = f"{stamp.strftime('%H%M%S-%f')}-{secrets.token_hex(3)}"
