@@ -11,6 +11,7 @@
     appliance status [--json]     what is running, images today, disk space
     appliance find [...] [--json] which images the gateway holds, and where
     appliance import PATH...      bring DICOM files in (a CD, a USB stick, a folder)
+    appliance check [--verify]    fsck for the archive: re-index lost files, report missing ones
     appliance transcode IN OUT --to CLASS|UID   convert one file (the archive's converter)
     appliance config show|check   the settings in force / check a file before use
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sqlite3
 import sys
 
 from appliance import __version__, config
@@ -59,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     find.add_argument("--study", metavar="UID", help="Study Instance UID")
     find.add_argument("--limit", type=int, metavar="N")
     find.add_argument("--json", action="store_true", help="one JSON object per image")
+
+    chk = commands.add_parser("check", help="fsck for the archive: re-index lost files, report missing ones")
+    chk.add_argument("--verify", action="store_true", help="also compare every file with its checksum")
+    chk.add_argument("--json", action="store_true", help="the report as one JSON object")
 
     imp = commands.add_parser("import", help="archive DICOM files or folders (a CD, a USB stick)")
     imp.add_argument("paths", nargs="+", metavar="PATH")
@@ -112,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args, settings)
     except SchemaMismatch as exc:
         print(f"appliance: {exc}", file=sys.stderr)
+        return 2
+    except sqlite3.DatabaseError as exc:  # a damaged or unreadable index: one line, no traceback
+        print(f"appliance: the index in {settings.data_dir} cannot be read: {exc}; see "
+              "`appliance check`", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -189,6 +199,10 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
         from appliance.commands import transcode
 
         return transcode.main(settings, args.input, args.output, args.to, args.json)
+    if args.command == "check":
+        from appliance.commands import check
+
+        return check.main(settings, args.verify, args.json)
     if args.command == "import":
         from appliance.commands import importer
 

@@ -266,6 +266,37 @@ class Archive:
         )
         return Stored("replaced", record, target, digest, size)
 
+    def index_in_place(self, path: Path, *, source: str = "check") -> Stored:
+        """The door for a complete file found in the tree without an index row.
+
+        A crash between the rename and the index commit, or an index that lost
+        rows, leaves such files. They were acknowledged, so they are indexed
+        where they lie, with the same `on_indexed` hooks as a receipt (forward
+        jobs, conversions) in the same transaction. A file whose instance is
+        indexed at another path that exists, or was indexed at this path
+        meanwhile (a receipt committing while we looked), is left alone
+        ("duplicate", with the indexed path).
+        Raises UnreadableObject when the file is not a complete object.
+        """
+        with open(path, "rb") as fp:
+            size = os.fstat(fp.fileno()).st_size
+            record, _walk = read_record(fp, size, str(path))
+            digest = _file_digest(fp)
+        received = dt.datetime.fromtimestamp(path.stat().st_mtime).astimezone()
+        relative = str(path.relative_to(self.data_dir))
+        with self._instance_lock(record.sop_instance_uid):
+            existing = self.index.stored_file(record.sop_instance_uid)
+            indexed = self.data_dir / existing["path"] if existing is not None else None
+            if indexed is not None and (indexed == path or indexed.is_file()):  # indexed meanwhile, or
+                return Stored("duplicate", record, indexed, existing["sha256"], size)  # held elsewhere
+            with self.index.transaction() as conn:
+                row = self.index.upsert_instance(
+                    conn, record, path=relative, size=size, sha256=digest, dataset_sha256="", calling_ae="",
+                    source=source, received_at=received.isoformat(timespec="milliseconds"))
+                for hook in self.on_indexed:
+                    hook(conn, row, record)
+        return Stored("stored", record, path, digest, size)
+
     def _kept_as_derivation(self, sop_instance_uid: str, temp: Path, dataset_offset: int) -> Path | None:
         """The archive stores this original lossy-compressed under another UID: the
         same original received again is a duplicate, not a new image to compress

@@ -12,6 +12,7 @@ spool file to `Archive.ingest_file()` and answers with what the archive says:
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ class DicomService:
         self.archive = archive
         self.counters = Counters()
         self.acceptor = Acceptor(node, self)
+        self.index_problem = ""  # set while the index cannot be written: stores get 0xA700
 
     # --- handlers the acceptor calls --------------------------------------------
 
@@ -93,10 +95,16 @@ class DicomService:
         except Rejected as exc:
             self.counters.bump("rejected", exc.reason)
             return CANNOT_UNDERSTAND, f"Unreadable dataset: {exc.reason[-44:]}"
+        except sqlite3.Error as exc:  # the index is unusable: refused, retried by the sender
+            self.index_problem = f"the index {self.archive.index.path} cannot be written: {exc}"
+            log.error("C-STORE from %s refused (0xA700): %s", peer, self.index_problem)
+            self.counters.bump("refused_out_of_space", self.index_problem)
+            return OUT_OF_RESOURCES, "Gateway index unusable; retry later"
         except Exception as exc:  # a bug must cost a retry, never the service
             log.exception("C-STORE from %s failed unexpectedly; answered 0xA700 so it is retried", peer)
             self.counters.bump("refused_out_of_space", f"internal error: {exc}")
             return OUT_OF_RESOURCES, "Gateway internal error; retry later"
+        self.index_problem = ""
         self.counters.bump(stored.outcome if stored.outcome != "duplicate" else "duplicates")
         with self.counters.lock:
             self.counters.last_store_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
