@@ -274,13 +274,14 @@ class Archive:
         where they lie, with the same `on_indexed` hooks as a receipt (forward
         jobs, conversions) in the same transaction. A file whose instance is
         indexed at another path that exists, or was indexed at this path
-        meanwhile (a receipt committing while we looked), is left alone
-        ("duplicate", with the indexed path).
+        meanwhile (a receipt committing while we looked), or an original the
+        archive keeps as a lossy derived instance, is left alone ("duplicate",
+        with the indexed path).
         Raises UnreadableObject when the file is not a complete object.
         """
         with open(path, "rb") as fp:
             size = os.fstat(fp.fileno()).st_size
-            record, _walk = read_record(fp, size, str(path))
+            record, walk = read_record(fp, size, str(path))
             digest = _file_digest(fp)
         received = dt.datetime.fromtimestamp(path.stat().st_mtime).astimezone()
         relative = str(path.relative_to(self.data_dir))
@@ -289,6 +290,9 @@ class Archive:
             indexed = self.data_dir / existing["path"] if existing is not None else None
             if indexed is not None and (indexed == path or indexed.is_file()):  # indexed meanwhile, or
                 return Stored("duplicate", record, indexed, existing["sha256"], size)  # held elsewhere
+            derived = self._kept_as_derivation(record.sop_instance_uid, path, walk.dataset_offset)
+            if existing is None and derived is not None:  # an original a lossy conversion replaced
+                return Stored("duplicate", record, derived, "", size)
             with self.index.transaction() as conn:
                 row = self.index.upsert_instance(
                     conn, record, path=relative, size=size, sha256=digest, dataset_sha256="", calling_ae="",
