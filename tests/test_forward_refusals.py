@@ -16,6 +16,9 @@ import pytest
 from pydicom import uid
 from pynetdicom import AE
 
+from appliance import config
+from appliance.commands.status import collect
+from appliance.web.page import warnings
 from tests.conftest import STORESCP, TEST_FILES, dcmtk_env, free_port, storescu, wait_for
 from tests.test_forward import Forwarder, Orthanc, _destination, _gateway, _jobs, _orthanc_instances
 from tests.test_send import SR, _listening, _profile, _sr
@@ -91,6 +94,8 @@ def test_orthanc_private_class_fails_alone(make_appliance, orthanc, tmp_path: Pa
     assert f"FAILED: job {failed['id']} to pacs ({private.SOPInstanceUID}) failed after 2 attempt(s): " \
            "no presentation context accepted" in status, status
     assert "UNREACHABLE" not in status
+    page = warnings(collect(config.load(str(gateway.config))))  # the status page's banner
+    assert any(f"job {failed['id']} to pacs" in w and "no presentation context accepted" in w for w in page)
     dropped = gateway.cli("queue", "drop", "--failed")
     assert dropped.stdout.startswith("1 job(s) dropped")
     (kept,) = _jobs(gateway, "--state", "dropped")
