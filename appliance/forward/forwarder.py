@@ -19,6 +19,12 @@ Two kinds of trouble, treated differently, because clinics suffer both:
 A C-ECHO every `echo_interval` while idle keeps the destination's health
 on the status page current.
 
+When to send is the destination's choice: at once (the default), only
+within its `window` ("22:00-06:00" for a remote site on a thin line: jobs
+wait, health checks go on), or once a study is stable (no new image of it
+for `stable_seconds`, so a study goes in one association rather than one
+per image as it trickles in).
+
 A third kind is ours: **no syntax the destination accepted can carry the
 object** (the check refuses the conversion: a corrupt stored stream, a
 result that is not the source; or the syntax cannot hold the image: 16-bit
@@ -39,6 +45,7 @@ from pathlib import Path
 
 from appliance.config import DestinationSettings, ForwardSettings
 from appliance.dicom.scu import Destination, SendResult, StoreSender, c_echo
+from appliance.disks.window import in_window
 from appliance.forward.queue import SUCCESS_STATUSES, ForwardQueue, Job, backoff
 from appliance.transcode.convert import Quality
 from appliance.transcode.errors import one_line
@@ -94,7 +101,8 @@ class DestinationWorker(threading.Thread):
             if now < state["next_try_at"]:
                 return False
             return self._check_health(state)
-        jobs = self.queue.claim_study(name, self.forward.batch_size)
+        jobs = (self.queue.claim_study(name, self.forward.batch_size, self.destination.stable_seconds)
+                if in_window(self.destination.window) else [])  # outside its window: health only
         if not jobs:
             if self.number == 1 and now - self.last_echo > self.destination.echo_interval:
                 self._check_health(state)

@@ -11,6 +11,7 @@ before the crash: at least once).
 
 from __future__ import annotations
 
+import datetime as dt
 import random
 import sqlite3
 import time
@@ -53,36 +54,41 @@ class ForwardQueue:
                 "next_attempt_at = 0 WHERE state = 'sending'"
             ).rowcount
 
-    def claim_study(self, destination: str, limit: int) -> list[Job]:
-        """Mark the ready jobs of one study 'sending' and return them (oldest study first)."""
+    def claim_study(self, destination: str, limit: int, stable_seconds: float = 0.0) -> list[Job]:
+        """Mark the ready jobs of one study 'sending' and return them (oldest study first).
+
+        With `stable_seconds`, only a study none of whose images arrived in the
+        last `stable_seconds` is claimed: a study still arriving waits, the
+        others go. (received_at carries its UTC offset: julianday compares
+        instants, whatever the local time did.)
+        """
         now = time.time()
         ready = self.index.connection().execute(  # a read first: an idle poll takes no write lock
             "SELECT 1 FROM forward_jobs WHERE destination = ? AND state = 'pending' AND next_attempt_at <= ? "
             "LIMIT 1", (destination, now)).fetchone()
         if ready is None:
             return []
+        joins = """FROM forward_jobs j
+                   LEFT JOIN instances i ON i.sop_instance_uid = j.sop_instance_uid
+                   LEFT JOIN series se ON se.id = i.series_ref
+                   LEFT JOIN studies st ON st.id = se.study_ref
+                   WHERE j.destination = ? AND j.state = 'pending' AND j.next_attempt_at <= ?"""
+        args: tuple = (destination, now)
+        if stable_seconds > 0:
+            joins += """ AND (st.id IS NULL OR NOT EXISTS (
+                         SELECT 1 FROM series s2 JOIN instances i2 ON i2.series_ref = s2.id
+                         WHERE s2.study_ref = st.id AND julianday(i2.received_at) > julianday(?)))"""
+            settled = dt.datetime.fromtimestamp(now - stable_seconds, dt.UTC)
+            args += (settled.isoformat(timespec="milliseconds"),)
+        first = self.index.connection().execute(  # still a read: a study still arriving costs no lock
+            f"SELECT COALESCE(st.study_instance_uid, '') {joins} ORDER BY j.id LIMIT 1", args).fetchone()
+        if first is None:
+            return []
         with self.index.transaction() as conn:
-            first = conn.execute(
-                """SELECT COALESCE(st.study_instance_uid, '') FROM forward_jobs j
-                   LEFT JOIN instances i ON i.sop_instance_uid = j.sop_instance_uid
-                   LEFT JOIN series se ON se.id = i.series_ref
-                   LEFT JOIN studies st ON st.id = se.study_ref
-                   WHERE j.destination = ? AND j.state = 'pending' AND j.next_attempt_at <= ?
-                   ORDER BY j.id LIMIT 1""",
-                (destination, now),
-            ).fetchone()
-            if first is None:
-                return []
             rows = conn.execute(
-                """SELECT j.id, j.sop_instance_uid, i.path, COALESCE(st.study_instance_uid, ''), j.attempts
-                   FROM forward_jobs j
-                   LEFT JOIN instances i ON i.sop_instance_uid = j.sop_instance_uid
-                   LEFT JOIN series se ON se.id = i.series_ref
-                   LEFT JOIN studies st ON st.id = se.study_ref
-                   WHERE j.destination = ? AND j.state = 'pending' AND j.next_attempt_at <= ?
-                     AND COALESCE(st.study_instance_uid, '') = ?
-                   ORDER BY j.id LIMIT ?""",
-                (destination, now, first[0], limit),
+                f"""SELECT j.id, j.sop_instance_uid, i.path, COALESCE(st.study_instance_uid, ''), j.attempts
+                    {joins} AND COALESCE(st.study_instance_uid, '') = ? ORDER BY j.id LIMIT ?""",
+                (*args, first[0], limit),
             ).fetchall()
             conn.executemany("UPDATE forward_jobs SET state = 'sending', updated_at = ? WHERE id = ?",
                              [(self._stamp(), row[0]) for row in rows])
