@@ -6,11 +6,12 @@
     appliance forward             the forwarder alone ([[destination]] sections)
     appliance disks [ACTION]      the disk service alone, or status|adopt|copy|verify|rebuild|rescan
     appliance web                 the status page, /api/status and /metrics alone ([web])
-    appliance queue [...]         the forward queue: list, retry, pause, resume
+    appliance queue [...]         the forward queue: list, retry, drop, pause, resume
     appliance send --to NAME ...  queue a study or a patient for a destination again
     appliance status [--json]     what is running, images today, disk space
     appliance find [...] [--json] which images the gateway holds, and where
     appliance import PATH...      bring DICOM files in (a CD, a USB stick, a folder)
+    appliance check [--verify]    fsck for the archive: re-index lost files, report missing ones
     appliance transcode IN OUT --to CLASS|UID   convert one file (the archive's converter)
     appliance config show|check   the settings in force / check a file before use
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sqlite3
 import sys
 
 from appliance import __version__, config
@@ -60,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     find.add_argument("--limit", type=int, metavar="N")
     find.add_argument("--json", action="store_true", help="one JSON object per image")
 
+    chk = commands.add_parser("check", help="fsck for the archive: re-index lost files, report missing ones")
+    chk.add_argument("--verify", action="store_true", help="also compare every file with its checksum")
+    chk.add_argument("--json", action="store_true", help="the report as one JSON object")
+
     imp = commands.add_parser("import", help="archive DICOM files or folders (a CD, a USB stick)")
     imp.add_argument("paths", nargs="+", metavar="PATH")
     imp.add_argument("--json", action="store_true", help="print only a JSON summary")
@@ -71,12 +77,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="uncompressed, lossless, lossy ([storage] syntaxes), or a UID/keyword")
     trans.add_argument("--json", action="store_true", help="machine-readable report")
 
-    que = commands.add_parser("queue", help="forward queue: list, retry, pause, resume")
-    que.add_argument("action", nargs="?", choices=["retry", "pause", "resume"])
+    que = commands.add_parser("queue", help="forward queue: list, retry, drop, pause, resume")
+    que.add_argument("action", nargs="?", choices=["retry", "drop", "pause", "resume"])
     que.add_argument("targets", nargs="*", metavar="JOB|NAME")
     que.add_argument("--destination", metavar="NAME")
-    que.add_argument("--state", choices=["pending", "sending", "done", "failed"])
+    que.add_argument("--state", choices=["pending", "sending", "done", "failed", "dropped"])
     que.add_argument("--all", action="store_true", help="with retry: every failed job")
+    que.add_argument("--failed", action="store_true", help="with drop: every failed job")
     que.add_argument("--json", action="store_true", help="one JSON object per job")
 
     snd = commands.add_parser("send", help="queue archived images for a destination again")
@@ -111,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args, settings)
     except SchemaMismatch as exc:
         print(f"appliance: {exc}", file=sys.stderr)
+        return 2
+    except sqlite3.DatabaseError as exc:  # a damaged or unreadable index: one line, no traceback
+        print(f"appliance: the index in {settings.data_dir} cannot be read: {exc}; see "
+              "`appliance check`", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -176,6 +187,8 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
             return queue.send(settings, args.to, args.study, args.patient_id)
         if args.action == "retry":
             return queue.retry(settings, args.targets, args.all)
+        if args.action == "drop":
+            return queue.drop(settings, args.targets, args.failed)
         if args.action in ("pause", "resume"):
             if len(args.targets) != 1:
                 print(f"appliance queue {args.action}: give one destination name", file=sys.stderr)
@@ -186,6 +199,10 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
         from appliance.commands import transcode
 
         return transcode.main(settings, args.input, args.output, args.to, args.json)
+    if args.command == "check":
+        from appliance.commands import check
+
+        return check.main(settings, args.verify, args.json)
     if args.command == "import":
         from appliance.commands import importer
 

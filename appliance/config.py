@@ -219,6 +219,16 @@ def check_nonempty(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
 
 
+def check_window(value: str) -> str | None:
+    from appliance.disks.window import parse_window
+
+    try:
+        parse_window(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 @dataclass(frozen=True)
 class MatchSettings:
     """Which objects go to a destination; every list given must match, empty = any."""
@@ -244,6 +254,10 @@ class DestinationSettings:
     match: MatchSettings = field(default_factory=MatchSettings, metadata={"doc": "routing rule"})
     max_associations: int = _checked(1, check_positive, "parallel associations to it")
     echo_interval: float = _checked(60.0, check_positive, "seconds between C-ECHO health checks")
+    stable_seconds: float = _checked(0.0, check_not_negative, "send a study once no new image of it "
+                                     "arrived for this long (0: at once)")
+    window: str = _checked("always", check_window, 'when to send: "HH:MM-HH:MM" (may wrap midnight) '
+                           'or "always"')
 
 
 @dataclass(frozen=True)
@@ -255,16 +269,6 @@ class ForwardSettings:
     max_attempts: int = _checked(5, check_positive, "tries before an object a destination refuses "
                                  "is marked failed")
     batch_size: int = _checked(200, check_positive, "objects of one study per association at most")
-
-
-def check_window(value: str) -> str | None:
-    from appliance.disks.window import parse_window
-
-    try:
-        parse_window(value)
-    except ValueError as exc:
-        return str(exc)
-    return None
 
 
 @dataclass(frozen=True)

@@ -247,11 +247,13 @@ def test_refused_object_fails_alone_and_retry_sends_it(make_appliance, tmp_path:
         assert storescu(gateway.port, files).returncode == 0
         failed = wait_for(lambda: _jobs(gateway, "--state", "failed"), 30, "the refused job to fail")
         assert [j["sop_instance_uid"] for j in failed] == [bad]
-        assert failed[0]["last_status"] == "0xC123" and failed[0]["attempts"] == 2
+        why = "status 0xC123 (CT Image Storage sent as Explicit VR Little Endian)"
+        assert failed[0]["last_status"] == why and failed[0]["attempts"] == 2
         assert len(scp.received) == 4, "the other objects went through"
         text = gateway.cli("queue", "--state", "failed").stdout
-        assert "failed with 0xC123" in text
-        assert "marked failed" in forwarder.text()
+        assert f"failed after 2 attempt(s): {why}" in text
+        (error,) = [line for line in forwarder.text().splitlines() if " ERROR " in line]
+        assert "marked failed" in error and bad in error and why in error
         scp.refusing = False
         assert "1 job(s) queued again" in gateway.cli("queue", "retry", "--all").stdout
         wait_for(lambda: bad in scp.received, 30, "the retried object")

@@ -16,7 +16,7 @@ from pydicom import uid
 
 from appliance.commands.transcode import CANNOT_HOLD
 from appliance.transcode.convert import CannotConvert, ConversionRefused, Quality, convert
-from appliance.transcode.policy import send_candidates, store_target
+from appliance.transcode.policy import store_target
 from appliance.transcode.verify import psnr
 from tests.conftest import TEST_FILES, run_cli, write_config
 
@@ -207,26 +207,6 @@ def test_store_rule() -> None:
     for received in (uid.ExplicitVRLittleEndian, uid.RLELossless, uid.JPEGBaseline8Bit):
         assert rule(received, "as-received") is None
     assert rule("1.2.840.10008.1.2.4.100", "uncompressed") is None  # MPEG-2 video is never touched
-
-
-def test_send_rule() -> None:
-    assert send_candidates(uid.JPEGLSLossless, ["uncompressed"]) == [
-        uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian]
-    # Big Endian is retired: sent when stored so, never produced.
-    big_endian = [uid.ExplicitVRBigEndian]
-    assert uid.ExplicitVRBigEndian not in send_candidates(uid.ExplicitVRLittleEndian, big_endian)
-    assert send_candidates(uid.ExplicitVRBigEndian, ["uncompressed"])[0] == uid.ExplicitVRBigEndian
-    lossless = send_candidates(uid.JPEG2000Lossless, ["lossless"])
-    assert lossless[0] == uid.JPEG2000Lossless, "stored syntax first within a class: no work"
-    # Lossy data: sent as it is, or decompressed; never re-encoded lossless or to another lossy.
-    lossy = send_candidates(uid.JPEGBaseline8Bit, ["lossless", "lossy"])
-    assert lossy[0] == uid.JPEGBaseline8Bit
-    assert not set(lossy) & {uid.JPEGLSLossless, uid.JPEG2000, uid.RLELossless}
-    assert send_candidates(uid.JPEGBaseline8Bit, [uid.JPEG2000]) == [
-        uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian]
-    # Whatever the list, the two universal syntaxes close it.
-    assert send_candidates(uid.ExplicitVRLittleEndian, [uid.JPEGLSLossless])[-2:] == [
-        uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian]
 
 
 def test_cli_transcode(tmp_path: Path) -> None:

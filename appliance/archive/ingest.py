@@ -22,6 +22,7 @@ import os
 import secrets
 import shutil
 import sqlite3
+import stat
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
@@ -43,6 +44,9 @@ from appliance.processes import pid_alive
 log = logging.getLogger("appliance.archive")
 
 LOCK_STRIPES = 64
+# Rejected objects bigger than this are refused without keeping their bytes: a 2 GB sparse file that
+# starts like DICOM must not fill the disk as 2 GB of real blocks in quarantine.
+QUARANTINE_MAX_BYTES = 256_000_000
 TEMP_SUFFIX = ".part"
 
 IndexedHook = Callable[[sqlite3.Connection, int, InstanceRecord], None]
@@ -304,6 +308,41 @@ class Archive:
                     printable(calling_ae), old_path, quarantined)
         return quarantined or old_path
 
+    def index_in_place(self, path: Path, *, source: str = "check") -> Stored:
+        """The door for a complete file found in the tree without an index row.
+
+        A crash between the rename and the index commit, or an index that lost
+        rows, leaves such files. They were acknowledged, so they are indexed
+        where they lie, with the same `on_indexed` hooks as a receipt (forward
+        jobs, conversions) in the same transaction. A file whose instance is
+        indexed at another path that exists, or was indexed at this path
+        meanwhile (a receipt committing while we looked), or an original the
+        archive keeps as a lossy derived instance, is left alone ("duplicate",
+        with the indexed path).
+        Raises UnreadableObject when the file is not a complete object.
+        """
+        with open(path, "rb") as fp:
+            size = os.fstat(fp.fileno()).st_size
+            record, walk = read_record(fp, size, str(path))
+            digest = _file_digest(fp)
+        received = dt.datetime.fromtimestamp(path.stat().st_mtime).astimezone()
+        relative = str(path.relative_to(self.data_dir))
+        with self._instance_lock(record.sop_instance_uid):
+            existing = self.index.stored_file(record.sop_instance_uid)
+            indexed = self.data_dir / existing["path"] if existing is not None else None
+            if indexed is not None and (indexed == path or indexed.is_file()):  # indexed meanwhile, or
+                return Stored("duplicate", record, indexed, existing["sha256"], size)  # held elsewhere
+            derived = self._kept_as_derivation(record.sop_instance_uid, path, walk.dataset_offset)
+            if existing is None and derived is not None:  # an original a lossy conversion replaced
+                return Stored("duplicate", record, derived, "", size)
+            with self.index.transaction() as conn:
+                row = self.index.upsert_instance(
+                    conn, record, path=relative, size=size, sha256=digest, dataset_sha256="", calling_ae="",
+                    source=source, received_at=received.isoformat(timespec="milliseconds"))
+                for hook in self.on_indexed:
+                    hook(conn, row, record)
+        return Stored("stored", record, path, digest, size)
+
     def _kept_as_derivation(self, sop_instance_uid: str, temp: Path, dataset_offset: int) -> Path | None:
         """The archive stores this original lossy-compressed under another UID: the
         same original received again is a duplicate, not a new image to compress
@@ -352,15 +391,35 @@ class Archive:
         A file without the Part 10 header (older CDs) is given one; its
         dataset bytes are then re-encoded by pydicom, not kept as they were.
         """
-        with self._new_temp() as temp, open(path, "rb") as src:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)  # a FIFO must not block us
+        with open(fd, "rb") as src:
+            info = os.fstat(src.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise Rejected(f"{path}: not a regular file", None)
             head = src.read(132)
             src.seek(0)
-            if head[128:132] == b"DICM":
-                with open(temp, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-            else:
-                _write_part10_from_raw(src, temp)
+            if info.st_size > QUARANTINE_MAX_BYTES:
+                self._check_before_copying(src, info.st_size, kwargs.get("source") or str(path),
+                                           head[128:132] == b"DICM")
+            with self._new_temp() as temp:
+                if head[128:132] == b"DICM":
+                    with open(temp, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+                else:
+                    _write_part10_from_raw(src, temp)
         return self.ingest_file(temp, **kwargs)
+
+    def _check_before_copying(self, src: BinaryIO, size: int, source: str, part10: bool) -> None:
+        """A file too big for quarantine is checked where it lies: refused, nothing copied."""
+        limit = f"{size:,} bytes, over the quarantine limit of {QUARANTINE_MAX_BYTES:,}: nothing copied"
+        if not part10:
+            raise Rejected(f"{source}: a dataset without the Part 10 header of {limit}", None)
+        try:
+            read_record(src, size, source)
+        except UnreadableObject as exc:
+            raise Rejected(f"{exc}; {limit}", None) from None
+        finally:
+            src.seek(0)
 
     def ingest_dataset(self, ds: Dataset, **kwargs) -> Stored:
         """Archive a dataset built in memory (dicomizers, the store-format converter)."""
@@ -372,6 +431,12 @@ class Archive:
 
     def quarantine(self, temp: Path, reason: str, *, calling_ae: str = "", source: str = "") -> Path | None:
         """Keep the bytes of a rejected object with the reason beside them."""
+        size = temp.stat().st_size if temp.exists() else 0
+        if size > QUARANTINE_MAX_BYTES:
+            _discard(temp)
+            log.warning("rejected object (%s); %s bytes, over the quarantine limit of %s: not kept",
+                        reason, f"{size:,}", f"{QUARANTINE_MAX_BYTES:,}")
+            return None
         stamp = now_local()
         folder = self.quarantine_dir / stamp.strftime("%Y%m%d")
         name = f"{stamp.strftime('%H%M%S-%f')}-{secrets.token_hex(3)}"

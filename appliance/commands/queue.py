@@ -2,6 +2,7 @@
 
     appliance queue [--destination NAME] [--state STATE] [--json]
     appliance queue retry (--all | JOB...)
+    appliance queue drop (--failed | JOB...)
     appliance queue pause|resume NAME
     appliance send --to NAME (--study UID | --patient-id ID)
 """
@@ -50,14 +51,16 @@ def show(settings: Settings, destination: str | None, state: str | None, as_json
             flags = "paused" if health["paused"] else ("reachable" if health["reachable"] else
                                                        f"UNREACHABLE ({health['last_error']}), next "
                                                        f"try {_when(health['next_try_at'])}")
-            summary = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("pending", "sending", "done", "failed"))
+            summary = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("pending", "sending", "done", "failed",
+                                                                      "dropped"))
             print(f"{d.name} ({d.ae_title}@{d.host}:{d.port}): {flags}; {summary}")
     for job in jobs:
         if job["state"] == "done" and state is None:
             continue
         result = {"pending": f"pending, next attempt {_when(job['next_attempt_at'])}",
                   "sending": "sending", "done": "sent",
-                  "failed": f"failed with {job['last_status']}"}[job["state"]]
+                  "failed": f"failed after {job['attempts']} attempt(s): {job['last_status']}",
+                  "dropped": f"dropped (last: {job['last_status'] or 'never tried'})"}[job["state"]]
         last = f" (last: {job['last_status']})" if job["state"] == "pending" and job["last_status"] else ""
         print(f"  job {job['id']:>6}  {job['destination']:<12} {job['sop_instance_uid']}  {result}{last}")
     return 0
@@ -76,6 +79,23 @@ def retry(settings: Settings, job_ids: list[str], all_failed: bool) -> int:
     count = queue.retry(ids) if queue else 0
     print(f"{count} job(s) queued again")
     return 0
+
+
+def drop(settings: Settings, job_ids: list[str], all_failed: bool) -> int:
+    """Give up on jobs: kept in the history as 'dropped', so the queue says what was never sent."""
+    if all_failed == bool(job_ids):
+        print("appliance queue drop: give --failed or job numbers, not both", file=sys.stderr)
+        return 2
+    try:
+        ids = None if all_failed else [int(j) for j in job_ids]
+    except ValueError:
+        print("appliance queue drop: job numbers are integers (see `appliance queue`)", file=sys.stderr)
+        return 2
+    queue = _queue(settings)
+    count = queue.drop(ids) if queue else 0
+    print(f"{count} job(s) dropped (kept in `appliance queue --state dropped`; "
+          "`appliance queue retry JOB` sends one again)")
+    return 0 if count or ids is None else 1
 
 
 def pause(settings: Settings, name: str, paused: bool) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
+import sqlite3
 import time
 from contextlib import suppress
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 from appliance.archive.index import Index
 from appliance.config import Settings
+from appliance.forward.queue import ForwardQueue
 from appliance.processes import pid_alive
 from appliance.service import state_dir
 from appliance.services import SERVICES, enabled_services
@@ -71,20 +73,29 @@ def collect(settings: Settings) -> dict[str, Any]:
     }
     index_path = data_dir / "index.sqlite"
     today = dt.date.today()
-    if index_path.exists():
-        index = Index(index_path, create=False)
+    report["index_problem"] = ""
+    try:
+        index = Index(index_path, create=False) if index_path.exists() else None
+    except sqlite3.DatabaseError as exc:  # status must still say what it can: the services, the disk
+        index, report["index_problem"] = None, f"the index {index_path} cannot be read: {exc}"
+    if index is not None:
         try:  # closed at once: the status page calls this on every request, from a new thread
             report["archive"] = index.counts(today.isoformat())
             count, listed = index.patients_with_several_names()
             report["archive"]["patient_ids_with_several_names"] = count
             report["archive"]["several_names"] = listed
             report["archive"].update(refusal_counts(index, today.isoformat()))
+            report["forward_failed"] = ForwardQueue(index).failures()  # why each one failed
+        except sqlite3.DatabaseError as exc:
+            report["index_problem"] = f"the index {index_path} cannot be read: {exc}"
+            report.pop("archive", None)
         finally:
             index.close()
-    else:
+    if "archive" not in report:
         report["archive"] = {"instances": 0, "bytes": 0, "instances_today": 0, "bytes_today": 0,
                              "patient_ids_with_several_names": 0, "several_names": [],
                              "conversions_refused": 0, "conversions_refused_today": 0}
+    report.setdefault("forward_failed", [])
     quarantine_today = data_dir / "quarantine" / today.strftime("%Y%m%d")
     report["archive"]["rejected_today"] = (
         len(list(quarantine_today.glob("*.dcm"))) if quarantine_today.is_dir() else 0
@@ -123,6 +134,13 @@ def several_names_warnings(archive: dict[str, Any]) -> list[str]:
     return lines
 
 
+def failed_job_text(job: dict[str, Any]) -> str:
+    """One failed forward job and why, with what to do about it."""
+    return (f"job {job['id']} to {job['destination']} ({job['sop_instance_uid']}) failed after "
+            f"{job['attempts']} attempt(s): {job['last_status']}; `appliance queue retry {job['id']}` "
+            f"or `appliance queue drop {job['id']}`")
+
+
 def render(report: dict[str, Any]) -> str:
     lines = [
         f"Gateway {report['ae_title']} on DICOM port {report['dicom_port']}",
@@ -154,6 +172,10 @@ def render(report: dict[str, Any]) -> str:
                          f"{disk['instances']} images{health}")
         for warning in entry.get("warnings") or []:
             lines.append(f"    WARNING: {warning}")
+    for job in report.get("forward_failed") or []:
+        lines.append(f"  FAILED: {failed_job_text(job)}")
+    if report.get("index_problem"):
+        lines.append(f"  WARNING: {report['index_problem']}")
     archive = report["archive"]
     disk = report["disk"]
     lines += [

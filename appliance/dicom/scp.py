@@ -19,6 +19,7 @@ Peer text (AE titles, UIDs) reaches the log only through peertext.printable().
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -94,6 +95,7 @@ class DicomService:
         self.archive = archive
         self.counters = Counters()
         self.acceptor = Acceptor(node, self, known=known)
+        self.index_problem = ""  # set while the index cannot be written: stores get 0xA700
 
     # --- handlers the acceptor calls --------------------------------------------
 
@@ -148,10 +150,16 @@ class DicomService:
                 comment = "SOP Class UID" if status == SOP_CLASS_MISMATCH else "SOP Instance UID"
                 return status, f"{comment} of command and dataset differ"
             return CANNOT_UNDERSTAND, f"Unreadable dataset: {exc.reason[-44:]}"
+        except sqlite3.Error as exc:  # the index is unusable: refused, retried by the sender
+            self.index_problem = f"the index {self.archive.index.path} cannot be written: {exc}"
+            log.error("C-STORE from %s refused (0xA700): %s", peer, self.index_problem)
+            self.counters.bump("refused_out_of_space", self.index_problem)
+            return OUT_OF_RESOURCES, "Gateway index unusable; retry later"
         except Exception as exc:  # a bug must cost a retry, never the service
             log.exception("C-STORE from %s failed unexpectedly; answered 0xA700 so it is retried", peer)
             self.counters.bump("refused_out_of_space", f"internal error: {exc}")
             return OUT_OF_RESOURCES, "Gateway internal error; retry later"
+        self.index_problem = ""
         counter = {"duplicate": "duplicates", "kept-first": "conflicts"}.get(stored.outcome, stored.outcome)
         self.counters.bump(counter)
         with self.counters.lock:

@@ -1,18 +1,22 @@
 """Sending archived objects to a destination in a syntax it accepts (the send rule).
 
-For each object the association proposes the syntaxes the send rule allows,
-one presentation context per syntax (an acceptor picks from a context's
-list in its own order, not ours), in the destination's order of
-preference, closed by Explicit and Implicit VR Little Endian, which every
-DICOM node must take.
+For each object the association proposes the syntaxes the send rule allows
+(`policy.send_candidates`: as stored when the destination takes it, then
+its `accepts` in order, closed by Explicit and Implicit VR Little Endian,
+which every DICOM node must take), one presentation context per syntax (an
+acceptor picks from a context's list in its own order, not ours).
 Once the destination has answered, each object is converted to the best
 syntax it actually accepted, through the verified conversion
 (`transcode.convert`); if that conversion is impossible (a codec cannot
 hold the image) or refused (the source stream is corrupt, the result is
 not the source), the next accepted one is tried. An object no accepted
 syntax works for is not sent, and only that object: its result carries
-the reasons. pynetdicom never transcodes by itself: this module is where
-it happens.
+the reasons. An object whose SOP class the destination accepted in none of
+the proposed syntaxes (a private class, a lossy image for a lossless-only
+viewer) is not sent either, and only that object: `not_accepted` says so,
+so the forwarder retries it later (the destination may be reconfigured)
+without calling the destination unreachable. pynetdicom never transcodes
+by itself: this module is where it happens.
 
 The forwarder drives `StoreSender` with its durable queue; the
 sender itself knows nothing of queues or retries.
@@ -34,7 +38,7 @@ from pynetdicom import AE, _config, evt
 from appliance.transcode.convert import CannotConvert, ConversionRefused, Quality, convert
 from appliance.transcode.errors import one_line
 from appliance.transcode.policy import send_candidates
-from appliance.transcode.syntaxes import name_of
+from appliance.transcode.syntaxes import UNIVERSAL, name_of
 
 log = logging.getLogger("appliance.send")
 
@@ -61,6 +65,9 @@ class SendResult:
     refused: tuple[tuple[str, str], ...] = ()
     # No syntax the destination accepted can carry this object: sending again cannot help.
     unsendable: bool = False
+    # The destination accepted no proposed context for this object's SOP class and syntaxes.
+    not_accepted: bool = False
+    sop_class: str = ""
 
 
 def set_nodelay(event: evt.Event) -> None:
@@ -71,14 +78,22 @@ def set_nodelay(event: evt.Event) -> None:
 
 
 def c_echo(calling_ae: str, destination: Destination, timeout: float = 10.0) -> str | None:
-    """None when the destination answers C-ECHO with success, else what went wrong."""
+    """None when the destination answers C-ECHO with success, else what went wrong.
+
+    A destination that associates but refuses the Verification context (a picky workstation
+    configured for its image classes only) is up: it is as reachable as it will ever be.
+    """
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context("1.2.840.10008.1.1")
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
                          evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
     if not assoc.is_established:
-        return "association not established (refused, rejected or unreachable)"
+        if assoc.rejected_contexts and not assoc.accepted_contexts:
+            return None  # it answered and negotiated: it only does not take Verification
+        if assoc.is_rejected:
+            return "association rejected"
+        return "association not established (refused, aborted or unreachable)"
     try:
         status = assoc.send_c_echo()
         code = int(status.Status) if status and "Status" in status else None
@@ -100,6 +115,17 @@ def _read(path: Path, stop_before_pixels: bool = False) -> Dataset:
 _config.STORE_SEND_CHUNKED_DATASET = True
 
 
+class _ReportedPerObject(logging.Filter):
+    """pynetdicom's own ERROR when a peer accepts no context: each object's result says it
+    better (which object, which SOP class, what was proposed), and the forwarder logs that."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "No accepted presentation contexts"
+
+
+logging.getLogger("pynetdicom.acse").addFilter(_ReportedPerObject())
+
+
 class StoreSender:
     """Sends a batch of files (a study, say) over one association."""
 
@@ -111,12 +137,17 @@ class StoreSender:
         self.min_psnr = min_psnr
 
     def plan(self, datasets: Sequence[Dataset], accepts: Sequence[str]) -> list[tuple[str, str]]:
-        """(SOP class, syntax) contexts to propose, in preference order, at most 128."""
+        """(SOP class, syntax) contexts to propose, in preference order, at most 128.
+
+        At most CANDIDATES_PER_CLASS syntaxes beyond the two universal ones per
+        object, so a batch of many classes stays under the 128 contexts; the
+        universal pair is always proposed, wherever the rule puts it.
+        """
         contexts: list[tuple[str, str]] = []
         for ds in datasets:
             candidates = send_candidates(str(ds.file_meta.TransferSyntaxUID), accepts)
-            preferred, universal = candidates[:-2][:CANDIDATES_PER_CLASS], candidates[-2:]
-            for syntax in [*preferred, *universal]:
+            others = [s for s in candidates if s not in UNIVERSAL][:CANDIDATES_PER_CLASS]
+            for syntax in [s for s in candidates if s in UNIVERSAL or s in others]:
                 pair = (str(ds.SOPClassUID), syntax)
                 if pair not in contexts:
                     contexts.append(pair)
@@ -145,11 +176,10 @@ class StoreSender:
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
                              evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
         if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
-            offered = sorted({name_of(str(cx.transfer_syntax[0])) for cx in assoc.rejected_contexts})
-            detail = (f"{destination.ae_title} accepted none of the syntaxes offered ({', '.join(offered)}; "
-                      "Explicit VR Big Endian is never produced)")
+            # Associated, then aborted by pynetdicom because nothing was accepted: a refusal of
+            # these objects, not of the connection.
             for n, path, ds in readable:
-                results[n] = SendResult(path, str(ds.SOPInstanceUID), "", None, detail, unsendable=True)
+                results[n] = self._not_accepted(path, ds, destination)
             return [r for r in results if r is not None]
         if not assoc.is_established:
             raise ConnectionError(
@@ -171,6 +201,8 @@ class StoreSender:
         reasons: list[str] = []
         refused: list[tuple[str, str]] = []
         whole: Dataset | None = None
+        if not accepted.intersection(send_candidates(stored, destination.accepts)):
+            return self._not_accepted(path, ds, destination)
         for syntax in send_candidates(stored, destination.accepts):
             if syntax not in accepted:
                 continue
@@ -179,7 +211,7 @@ class StoreSender:
                 code = int(status.Status) if status and "Status" in status else None
                 return SendResult(path, str(ds.SOPInstanceUID), syntax, code,
                                   "" if code is not None else "no response (association lost)",
-                                  tuple(refused))
+                                  tuple(refused), sop_class=str(ds.SOPClassUID))
             if whole is None:
                 try:
                     whole = _read(path)
@@ -201,9 +233,21 @@ class StoreSender:
             log.info("%s sent to %s as %s (stored as %s)", ds.SOPInstanceUID, destination.ae_title,
                      name_of(syntax), name_of(stored))
             return SendResult(path, str(outgoing.SOPInstanceUID), syntax, code,
-                              "" if code is not None else "no response (association lost)", tuple(refused))
+                              "" if code is not None else "no response (association lost)", tuple(refused),
+                              sop_class=str(ds.SOPClassUID))
         detail = "; ".join(reasons) or (
             f"{destination.ae_title} accepted no syntax this object can be sent in "
             f"(offered {', '.join(name_of(s) for s in send_candidates(stored, destination.accepts))})"
         )
         return SendResult(path, str(ds.SOPInstanceUID), stored, None, detail, tuple(refused), unsendable=True)
+
+    def _not_accepted(self, path: Path, ds: Dataset, destination: Destination) -> SendResult:
+        """The destination took none of the contexts proposed for this object."""
+        proposed = ", ".join(name_of(s) for s in send_candidates(str(ds.file_meta.TransferSyntaxUID),
+                                                                  destination.accepts))
+        sop_class = str(ds.SOPClassUID)
+        label = name_of(sop_class)
+        detail = (f"no presentation context accepted for SOP class {label}"
+                  f"{'' if label == sop_class else f' ({sop_class})'}; proposed {proposed}")
+        return SendResult(path, str(ds.SOPInstanceUID), str(ds.file_meta.TransferSyntaxUID), None,
+                          detail, not_accepted=True, sop_class=sop_class)

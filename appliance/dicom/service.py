@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from appliance.archive.reconcile import BackgroundCheck
 from appliance.config import Settings
 from appliance.dicom.scp import DicomService
 from appliance.service import start_with_archive
@@ -31,8 +32,19 @@ def run(settings: Settings) -> int:
         shell.stopped(service.state())
         return 1
     shell.ready(f"{node.ae_title} listening on port {node.dicom_port}")
+    checker = BackgroundCheck(archive)  # files without index rows re-indexed, missing files reported
+    checker.start()
+
+    def state() -> dict[str, object]:
+        problem = service.index_problem or checker.index_problem
+        published = {**service.state(), **checker.state()}
+        if service.index_problem:
+            published["warnings"] = [service.index_problem, *published["warnings"]]
+        return {**published, "index_problem": problem}
+
     try:
-        shell.serve(state=service.state, healthy=lambda: service.listening)
+        shell.serve(state=state, healthy=lambda: service.listening and not (service.index_problem or
+                                                                             checker.index_problem))
     finally:
         service.stop(grace=max(5.0, min(node.dimse_timeout, 30.0)))
         shell.stopped(service.state())

@@ -2,10 +2,15 @@
 
 Two kinds of trouble, treated differently, because clinics suffer both:
 
-- **The destination refuses an object** (a DIMSE failure status): that job
-  is retried with backoff a few times, then marked failed with the status,
-  and an ERROR is logged; the other objects go through.
-- **The destination cannot be reached** (down over a weekend, cable out):
+- **The destination refuses an object** (a DIMSE failure status, or no
+  presentation context accepted for its SOP class in any syntax proposed:
+  a private class, a lossy image for a lossless-only viewer): that job is
+  retried with backoff a few times, then marked failed with the reason, and
+  one ERROR names the destination, the object, its SOP class and what was
+  proposed; the other objects keep flowing. The destination stays
+  reachable: it answered.
+- **The destination cannot be reached** (down over a weekend, cable out,
+  the connection refused or the association rejected):
   nothing is marked failed and no attempt is counted. The worker stops
   sending, checks the destination with C-ECHO at exponential intervals
   (with jitter, capped at [forward] max_backoff_seconds), and resumes at
@@ -13,6 +18,12 @@ Two kinds of trouble, treated differently, because clinics suffer both:
 
 A C-ECHO every `echo_interval` while idle keeps the destination's health
 on the status page current.
+
+When to send is the destination's choice: at once (the default), only
+within its `window` ("22:00-06:00" for a remote site on a thin line: jobs
+wait, health checks go on), or once a study is stable (no new image of it
+for `stable_seconds`, so a study goes in one association rather than one
+per image as it trickles in).
 
 A third kind is ours: **no syntax the destination accepted can carry the
 object** (the check refuses the conversion: a corrupt stored stream, a
@@ -33,7 +44,8 @@ import time
 from pathlib import Path
 
 from appliance.config import DestinationSettings, ForwardSettings
-from appliance.dicom.scu import Destination, StoreSender, c_echo
+from appliance.dicom.scu import Destination, SendResult, StoreSender, c_echo
+from appliance.disks.window import in_window
 from appliance.forward.queue import SUCCESS_STATUSES, ForwardQueue, Job, backoff
 from appliance.transcode.convert import Quality
 from appliance.transcode.errors import one_line
@@ -89,7 +101,8 @@ class DestinationWorker(threading.Thread):
             if now < state["next_try_at"]:
                 return False
             return self._check_health(state)
-        jobs = self.queue.claim_study(name, self.forward.batch_size)
+        jobs = (self.queue.claim_study(name, self.forward.batch_size, self.destination.stable_seconds)
+                if in_window(self.destination.window) else [])  # outside its window: health only
         if not jobs:
             if self.number == 1 and now - self.last_echo > self.destination.echo_interval:
                 self._check_health(state)
@@ -156,17 +169,29 @@ class DestinationWorker(threading.Thread):
             elif result.status is None and "association lost" in result.detail:
                 lost.append(job)
             else:
-                status = f"0x{result.status:04X}" if result.status is not None else result.detail
-                outcome = self.queue.refused(job, status, self.forward.max_attempts,
-                                             self.forward.first_backoff_seconds,
-                                             self.forward.max_backoff_seconds)
-                if outcome == "failed":
-                    log.error("%s refused %s %d times (last: %s): marked failed; fix the cause, then "
-                              "`appliance queue retry %d`", self.destination.name, job.sop_instance_uid,
-                              self.forward.max_attempts, status, job.id)
+                self._refused(job, result)
         if lost:
             self.queue.release(lost, "association lost")
             self._unreachable(state, "association lost while sending")
+
+    def _refused(self, job: Job, result: SendResult) -> None:
+        """Retried with backoff, failed after max_attempts with one ERROR saying why."""
+        if result.status is not None:
+            what = f"{name_of(result.sop_class)} " if result.sop_class else ""
+            reason = f"status 0x{result.status:04X} ({what}sent as {name_of(result.transfer_syntax)})"
+        else:
+            reason = result.detail
+        outcome = self.queue.refused(job, reason[:200], self.forward.max_attempts,
+                                     self.forward.first_backoff_seconds, self.forward.max_backoff_seconds)
+        if outcome == "failed":
+            log.error("%s (%s) did not take %s after %d attempts: %s; job %d marked failed: fix the cause, "
+                      "then `appliance queue retry %d` (or `appliance queue drop %d`)", self.destination.name,
+                      self.destination.ae_title, one_line(job.sop_instance_uid, 80), job.attempts + 1,
+                      one_line(reason), job.id, job.id, job.id)
+        else:
+            log.info("%s did not take %s (attempt %d of %d): %s; the rest of the queue goes on",
+                     self.destination.name, one_line(job.sop_instance_uid, 80), job.attempts + 1,
+                     self.forward.max_attempts, one_line(reason))
 
     def _unsendable(self, job: Job, result) -> None:
         """Failed at once (the same syntaxes would fail again): one WARNING with the reasons."""

@@ -2,13 +2,16 @@
 
 States: pending (waiting for its next attempt time), sending (on the wire
 right now), done (the destination acked it), failed (refused too often; a
-field engineer retries it). A crash leaves sending rows behind: at start
-they go back to pending and are counted as possible duplicates (the
-destination may have stored them before the crash: at least once).
+field engineer retries it), dropped (a field engineer gave up on it: kept
+in the history with its last status, never sent again unless retried).
+A crash leaves sending rows behind: at start they go back to pending and
+are counted as possible duplicates (the destination may have stored them
+before the crash: at least once).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import random
 import sqlite3
 import time
@@ -51,36 +54,41 @@ class ForwardQueue:
                 "next_attempt_at = 0 WHERE state = 'sending'"
             ).rowcount
 
-    def claim_study(self, destination: str, limit: int) -> list[Job]:
-        """Mark the ready jobs of one study 'sending' and return them (oldest study first)."""
+    def claim_study(self, destination: str, limit: int, stable_seconds: float = 0.0) -> list[Job]:
+        """Mark the ready jobs of one study 'sending' and return them (oldest study first).
+
+        With `stable_seconds`, only a study none of whose images arrived in the
+        last `stable_seconds` is claimed: a study still arriving waits, the
+        others go. (received_at carries its UTC offset: julianday compares
+        instants, whatever the local time did.)
+        """
         now = time.time()
         ready = self.index.connection().execute(  # a read first: an idle poll takes no write lock
             "SELECT 1 FROM forward_jobs WHERE destination = ? AND state = 'pending' AND next_attempt_at <= ? "
             "LIMIT 1", (destination, now)).fetchone()
         if ready is None:
             return []
+        joins = """FROM forward_jobs j
+                   LEFT JOIN instances i ON i.sop_instance_uid = j.sop_instance_uid
+                   LEFT JOIN series se ON se.id = i.series_ref
+                   LEFT JOIN studies st ON st.id = se.study_ref
+                   WHERE j.destination = ? AND j.state = 'pending' AND j.next_attempt_at <= ?"""
+        args: tuple = (destination, now)
+        if stable_seconds > 0:
+            joins += """ AND (st.id IS NULL OR NOT EXISTS (
+                         SELECT 1 FROM series s2 JOIN instances i2 ON i2.series_ref = s2.id
+                         WHERE s2.study_ref = st.id AND julianday(i2.received_at) > julianday(?)))"""
+            settled = dt.datetime.fromtimestamp(now - stable_seconds, dt.UTC)
+            args += (settled.isoformat(timespec="milliseconds"),)
+        first = self.index.connection().execute(  # still a read: a study still arriving costs no lock
+            f"SELECT COALESCE(st.study_instance_uid, '') {joins} ORDER BY j.id LIMIT 1", args).fetchone()
+        if first is None:
+            return []
         with self.index.transaction() as conn:
-            first = conn.execute(
-                """SELECT COALESCE(st.study_instance_uid, '') FROM forward_jobs j
-                   LEFT JOIN instances i ON i.sop_instance_uid = j.sop_instance_uid
-                   LEFT JOIN series se ON se.id = i.series_ref
-                   LEFT JOIN studies st ON st.id = se.study_ref
-                   WHERE j.destination = ? AND j.state = 'pending' AND j.next_attempt_at <= ?
-                   ORDER BY j.id LIMIT 1""",
-                (destination, now),
-            ).fetchone()
-            if first is None:
-                return []
             rows = conn.execute(
-                """SELECT j.id, j.sop_instance_uid, i.path, COALESCE(st.study_instance_uid, ''), j.attempts
-                   FROM forward_jobs j
-                   LEFT JOIN instances i ON i.sop_instance_uid = j.sop_instance_uid
-                   LEFT JOIN series se ON se.id = i.series_ref
-                   LEFT JOIN studies st ON st.id = se.study_ref
-                   WHERE j.destination = ? AND j.state = 'pending' AND j.next_attempt_at <= ?
-                     AND COALESCE(st.study_instance_uid, '') = ?
-                   ORDER BY j.id LIMIT ?""",
-                (destination, now, first[0], limit),
+                f"""SELECT j.id, j.sop_instance_uid, i.path, COALESCE(st.study_instance_uid, ''), j.attempts
+                    {joins} AND COALESCE(st.study_instance_uid, '') = ? ORDER BY j.id LIMIT ?""",
+                (*args, first[0], limit),
             ).fetchall()
             conn.executemany("UPDATE forward_jobs SET state = 'sending', updated_at = ? WHERE id = ?",
                              [(self._stamp(), row[0]) for row in rows])
@@ -146,6 +154,34 @@ class ForwardQueue:
                                           "next_attempt_at = 0 WHERE id = ? AND state != 'sending'",
                                           [(j,) for j in job_ids])
             return cursor.rowcount
+
+    def drop(self, job_ids: list[int] | None) -> int:
+        """Failed jobs (all, or those given, pending too) become 'dropped': kept, never sent again.
+
+        A job on the wire right now is left alone (its outcome is about to be written), and a job
+        already sent stays 'done'.
+        """
+        stamp = self._stamp()
+        with self.index.transaction() as conn:
+            if job_ids is None:
+                cursor = conn.execute("UPDATE forward_jobs SET state = 'dropped', updated_at = ? "
+                                      "WHERE state = 'failed'", (stamp,))
+            else:
+                cursor = conn.executemany("UPDATE forward_jobs SET state = 'dropped', updated_at = ? "
+                                          "WHERE id = ? AND state IN ('pending', 'failed')",
+                                          [(stamp, j) for j in job_ids])
+            return cursor.rowcount
+
+    def failures(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The most recent failed jobs with why each failed, for `appliance status` and the page."""
+        try:
+            rows = self.index.connection().execute(
+                "SELECT id, destination, sop_instance_uid, attempts, last_status, updated_at "
+                "FROM forward_jobs WHERE state = 'failed' ORDER BY updated_at DESC, id DESC LIMIT ?",
+                (limit,))
+        except sqlite3.OperationalError:
+            return []
+        return [dict(row) for row in rows]
 
     def enqueue(self, sop_instance_uids: list[str], destination: str) -> int:
         stamp = self._stamp()

@@ -8,12 +8,21 @@ Store rule ([storage] format): what the archive keeps of what it received.
     lossy                  decompress    keep lossy          keep            keep
 
 Send rule (a destination's `accepts`, by preference): which syntaxes to
-propose for one stored object. Lossy data is never re-encoded losslessly
-(only bigger, never better) nor into another lossy syntax (a second
-generation of loss): it goes as it is or decompressed. Explicit VR Big
-Endian (retired, PS3.5 A.3) is sent only as stored, never produced.
-Explicit, then Implicit VR Little Endian close every list, as every DICOM
-node takes them.
+propose for one stored object, best first.
+
+1. `uncompressed` means Explicit VR Little Endian, then Implicit VR Little
+   Endian. Explicit VR Big Endian (retired, PS3.5 A.3) and Deflated
+   Explicit VR Little Endian are proposed only when `accepts` names them.
+2. The stored syntax comes first when `accepts` takes it (by class or by
+   name): sending as stored costs nothing and changes nothing.
+3. Then the other syntaxes of `accepts`, in its order, less those the
+   object must not become: lossy data is never re-encoded losslessly (only
+   bigger, never better) nor into another lossy syntax (a second generation
+   of loss); Big Endian is never produced.
+4. Explicit, then Implicit VR Little Endian close every list when not
+   already in it: every DICOM node takes them.
+
+docs/DESIGN.md ("The send rule") has the rule as a table, checked by a test.
 """
 
 from __future__ import annotations
@@ -39,25 +48,30 @@ def store_target(received: str, configured: str, lossless_syntax: str, lossy_syn
     return lossy_syntax if current in ("uncompressed", "lossless") else None
 
 
-def send_candidates(stored: str, accepts: list[str] | tuple[str, ...]) -> list[str]:
-    """Syntaxes to propose for an object stored in `stored`, best first.
+# What `uncompressed` means in a destination's `accepts` (rule 1 above).
+SEND_UNCOMPRESSED: tuple[str, ...] = UNIVERSAL
 
-    Where `accepts` names a class, the stored syntax comes first within it
-    when it belongs to it: the destination takes any of them, and sending
-    as stored costs nothing.
-    """
-    current = class_of(stored)
+
+def accepted_syntaxes(accepts: list[str] | tuple[str, ...]) -> list[str]:
+    """A destination's `accepts` (classes, UIDs or keywords) as UIDs in its order of preference."""
     ordered: list[str] = []
     for entry in accepts:
-        if entry in ("uncompressed", "lossless", "lossy"):
+        if entry == "uncompressed":
+            group = list(SEND_UNCOMPRESSED)
+        elif entry in ("lossless", "lossy"):
             group = list(members(entry))
         else:
             group = [resolve(entry) or entry]  # a UID, or pydicom's keyword for one
-        if stored in group:
-            group.remove(stored)
-            group.insert(0, stored)
         ordered.extend(s for s in group if s not in ordered)
-    candidates = [s for s in ordered if _allowed(stored, current, s)]
+    return ordered
+
+
+def send_candidates(stored: str, accepts: list[str] | tuple[str, ...]) -> list[str]:
+    """Syntaxes to propose for an object stored in `stored`, best first (the rule above)."""
+    current = class_of(stored)
+    wanted = accepted_syntaxes(accepts)
+    first = [stored] if stored in wanted else []
+    candidates = first + [s for s in wanted if s != stored and _allowed(stored, current, s)]
     candidates += [s for s in UNIVERSAL if s not in candidates]
     return candidates
 
@@ -75,4 +89,5 @@ def _allowed(stored: str, current: str | None, target: str) -> bool:
     return True
 
 
-__all__ = ["STORE_FORMATS", "expand", "send_candidates", "store_target"]
+__all__ = ["SEND_UNCOMPRESSED", "STORE_FORMATS", "accepted_syntaxes", "expand", "send_candidates",
+           "store_target"]

@@ -13,7 +13,7 @@ import datetime as dt
 from html import escape
 from typing import Any
 
-from appliance.commands.status import several_names_warnings, size_text
+from appliance.commands.status import failed_job_text, several_names_warnings, size_text
 
 GOOD_STATES = {"running", "disabled"}
 
@@ -43,6 +43,7 @@ def warnings(report: dict[str, Any]) -> list[str]:
             if dest.get("failed"):
                 found.append(f"destination {name}: {dest['failed']} image(s) failed; "
                              "`appliance queue retry` sends them again")
+    found.extend(failed_job_text(job) for job in report.get("forward_failed") or [])  # why each failed
     disk = report["disk"]
     if disk["free_bytes"] < disk["min_free_bytes"]:
         found.append("the internal disk is full: new images are refused until space is freed")
