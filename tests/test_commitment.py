@@ -12,12 +12,21 @@ import threading
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel, StudyRootQueryRetrieveInformationModelFind
 
-from tests.conftest import ApplianceProcess, free_port, storescu, synthetic_ct, wait_for
+from tests.conftest import (
+    ApplianceProcess,
+    free_port,
+    run_cli,
+    storescu,
+    synthetic_ct,
+    wait_for,
+    write_config,
+)
 
 INSTANCE = "1.2.840.10008.1.20.1.1"
 
@@ -170,3 +179,42 @@ def _transactions(proc: ApplianceProcess) -> dict[str, str]:
     with sqlite3.connect(proc.data_dir / "index.sqlite") as conn:
         return dict(conn.execute("SELECT transaction_uid, state FROM commitment_transactions"))
 
+
+
+@pytest.mark.root  # loop-mounted ext4 disks
+def test_two_disks_commits_only_what_has_two_verified_copies(tmp_path: Path, loop_disks) -> None:
+    from tests.test_disk_proof import import_images, pair
+
+    port = free_port()
+    data = tmp_path / "data"
+    config = write_config(tmp_path / "gw.toml", {"dicom_port": port, "data_dir": str(data), "min_free_mb": 1,
+                                                 "bind_address": "127.0.0.1"})
+    with open(config, "a", encoding="utf-8") as fp:
+        fp.write('\n[storage]\ncommit_requires = "two-disks"\n[disks]\ncopy_window = "always"\n'
+                 "min_free_gb = 0.005\npause_ms = 0\n")
+    pair(config, lambda label, mb=40, name=None: loop_disks(name or label, mb, label=label))
+    copied = import_images(config, tmp_path, 2, name="ct")
+    assert "4 verified copies made" in run_cli(config, "disks", "copy").stdout
+    waiting = import_images(config, tmp_path, 1, name="late")  # imported, not yet copied
+    proc = ApplianceProcess(config, data, port, tmp_path / "gw.log")
+    proc.start()
+    try:
+        pairs = [(str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+                 for ds in map(pydicom.dcmread, [*copied, *waiting])]
+        never = (CTImageStorage, generate_uid())
+        reports: list = []
+        done = threading.Event()
+        assoc = requester().associate("127.0.0.1", port, ae_title="GATEWAY",
+                                      evt_handlers=[(evt.EVT_N_EVENT_REPORT, catch(reports, done))])
+        transaction = generate_uid()
+        status, _ = assoc.send_n_action(action([*pairs, never], transaction), 1,
+                                        StorageCommitmentPushModel, INSTANCE)
+        assert status.Status == 0x0000
+        assert done.wait(10), f"no report:\n{proc.log()}"
+        wait_for(lambda: _transactions(proc)[transaction] == "delivered", 10, "the transaction delivered")
+        assoc.release()
+    finally:
+        assert proc.stop() == 0
+    committed, failed = report_lists(reports[0][1])
+    assert committed == {pairs[0][1], pairs[1][1]}
+    assert failed == {pairs[2][1]: 0x0110, never[1]: 0x0112}
