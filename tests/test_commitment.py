@@ -218,3 +218,32 @@ def test_two_disks_commits_only_what_has_two_verified_copies(tmp_path: Path, loo
     committed, failed = report_lists(reports[0][1])
     assert committed == {pairs[0][1], pairs[1][1]}
     assert failed == {pairs[2][1]: 0x0110, never[1]: 0x0112}
+
+
+def test_an_undelivered_report_survives_a_restart(make_appliance, tmp_path: Path) -> None:
+    listen = free_port()
+    proc = gateway(make_appliance, '[[peer]]\nae_title = "MODALITY"\naddress = "127.0.0.1"\n'
+                   f'port = {listen}\nservices = ["store", "commitment"]\n'
+                   '[[peer]]\nae_title = "PROBE"\nservices = []\n')
+    pairs = stored(proc, tmp_path, 1)
+    assoc = requester().associate("127.0.0.1", proc.port, ae_title="GATEWAY")
+    transaction = generate_uid()
+    assert assoc.send_n_action(action(pairs, transaction), 1, StorageCommitmentPushModel,
+                               INSTANCE)[0].Status == 0x0000
+    assoc.release()  # before the report, and nobody listens on its port yet
+    wait_for(lambda: "cannot associate with MODALITY" in proc.log(), 20, "a failed delivery")
+    assert proc.stop() == 0
+    assert _transactions(proc)[transaction] == "pending"
+    reports: list = []
+    done = threading.Event()
+    scp = AE(ae_title="MODALITY")
+    scp.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
+    server = scp.start_server(("127.0.0.1", listen), block=False,
+                              evt_handlers=[(evt.EVT_N_EVENT_REPORT, catch(reports, done))])
+    try:
+        proc.start()
+        assert done.wait(60), f"the report was not sent after the restart:\n{proc.log()}"
+    finally:
+        server.shutdown()
+    assert reports[0][0] == 1 and report_lists(reports[0][1]) == ({pairs[0][1]}, {})
+    wait_for(lambda: _transactions(proc)[transaction] == "delivered", 10, "the transaction delivered")

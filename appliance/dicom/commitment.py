@@ -234,6 +234,8 @@ class Commitment:
 
     def _work(self) -> None:
         try:
+            with self.archive.index.transaction() as conn:  # after a restart, pending reports go at once
+                conn.execute("UPDATE commitment_transactions SET next_attempt_at = 0 WHERE state = 'pending'")
             while not self.stopping.wait(min(self.retry_base, 5.0) / 5):
                 try:
                     self.send_due()
