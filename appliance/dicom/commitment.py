@@ -81,6 +81,7 @@ class Commitment:
         self.sent: dict[tuple[int, int], tuple[str, Association]] = {}
         self.lock = threading.Lock()
         self.stopping = threading.Event()
+        self.ready = threading.Event()
         self.worker: threading.Thread | None = None
 
     def register(self, services: requests.Services) -> None:
@@ -226,6 +227,7 @@ class Commitment:
     def start(self) -> None:
         self.worker = threading.Thread(target=self._work, name="commitment-reports", daemon=True)
         self.worker.start()
+        self.ready.wait(30)  # its index connection open before the service says it is ready
 
     def stop(self) -> None:
         self.stopping.set()
@@ -236,6 +238,11 @@ class Commitment:
         try:
             with self.archive.index.transaction() as conn:  # after a restart, pending reports go at once
                 conn.execute("UPDATE commitment_transactions SET next_attempt_at = 0 WHERE state = 'pending'")
+        except Exception:
+            log.exception("Storage Commitment: cannot read pending reports; trying again later")
+        finally:
+            self.ready.set()
+        try:
             while not self.stopping.wait(min(self.retry_base, 5.0) / 5):
                 try:
                     self.send_due()
