@@ -157,7 +157,7 @@ def test_report_on_a_new_association_when_the_requester_released(make_appliance,
     wait_for(lambda: _transactions(proc)[transaction] == "delivered", 10, "the transaction delivered")
 
 
-def test_a_c_find_nobody_serves_gets_0x0211_and_the_association_goes_on(make_appliance) -> None:
+def test_an_unserved_query_model_is_refused_and_bad_n_actions_keep_the_association(make_appliance) -> None:
     proc = gateway(make_appliance, "")
     ae = AE(ae_title="VIEWER")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
@@ -171,6 +171,8 @@ def test_a_c_find_nobody_serves_gets_0x0211_and_the_association_goes_on(make_app
     # an N-ACTION of an unknown type on the accepted context: refused, the association stays
     status, _ = assoc.send_n_action(action([], generate_uid()), 7, StorageCommitmentPushModel, INSTANCE)
     assert status.Status == 0x0123
+    status, _ = assoc.send_n_action(action([], generate_uid()), 1, StorageCommitmentPushModel, "1.2.3.4")
+    assert status.Status == 0x0112  # only the well-known instance exists
     assert assoc.is_established
     assoc.release()
 
@@ -192,7 +194,8 @@ def test_two_disks_commits_only_what_has_two_verified_copies(tmp_path: Path, loo
     with open(config, "a", encoding="utf-8") as fp:
         fp.write('\n[storage]\ncommit_requires = "two-disks"\n[disks]\ncopy_window = "always"\n'
                  "min_free_gb = 0.005\npause_ms = 0\n")
-    pair(config, lambda label, mb=40, name=None: loop_disks(name or label, mb, label=label))
+    pair(config, lambda label, mb=40, name=None: loop_disks(name or label, mb, label=label),
+         "CMT_A", "CMT_B")  # labels no other test's disks carry
     copied = import_images(config, tmp_path, 2, name="ct")
     assert "4 verified copies made" in run_cli(config, "disks", "copy").stdout
     waiting = import_images(config, tmp_path, 1, name="late")  # imported, not yet copied

@@ -57,7 +57,6 @@ SUCCESS = 0x0000
 PROCESSING_FAILURE = 0x0110
 NO_SUCH_OBJECT_INSTANCE = 0x0112
 INVALID_ARGUMENT = 0x0115
-INVALID_INSTANCE = 0x0117
 CLASS_INSTANCE_CONFLICT = 0x0119
 MISSING_ATTRIBUTE = 0x0120
 NO_SUCH_ACTION = 0x0123
@@ -93,7 +92,7 @@ class Commitment:
     def n_action(self, request: requests.Request) -> Iterator[tuple[int, Dataset | None]]:
         peer = request.association.peer
         if request.sop_instance != INSTANCE:
-            yield INVALID_INSTANCE, None  # invalid SOP instance: only the well-known instance exists
+            yield NO_SUCH_OBJECT_INSTANCE, None  # only the well-known instance exists
             return
         if request.us(requests.ACTION_TYPE_ID) != REQUEST_COMMIT:
             yield NO_SUCH_ACTION, None
