@@ -161,6 +161,10 @@ def check_quality(value: int) -> str | None:
     return None if 1 <= value <= 100 else "a number from 1 (smallest) to 100 (best)"
 
 
+def check_commit_requires(value: str) -> str | None:
+    return None if value in ("archive", "two-disks") else '"archive" or "two-disks"'
+
+
 @dataclass(frozen=True)
 class StorageSettings:
     """[storage]: the format the archive keeps (store rule in docs/DESIGN.md)."""
@@ -185,6 +189,11 @@ class StorageSettings:
     on_conflict: str = _checked(
         "replace", check_on_conflict,
         "another sender re-sends an instance with other content: replace, keep-first or reject",
+    )
+    commit_requires: str = _checked(
+        "archive", check_commit_requires,
+        "Storage Commitment commits an instance once: archive (stored, verified) or two-disks (and on two "
+        "verified external disks)",
     )
 
     def syntax(self, format_class: str) -> str:

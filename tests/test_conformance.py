@@ -18,7 +18,7 @@ from pynetdicom.sop_class import _STORAGE_CLASSES
 
 from appliance import __version__
 from appliance.config import NodeSettings
-from appliance.dicom import dimse, negotiation, pdu, scp
+from appliance.dicom import commitment, dimse, negotiation, pdu, requests, scp
 from appliance.dicom.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "CONFORMANCE.md"
@@ -164,6 +164,26 @@ def test_status_table_lists_every_status_the_code_returns() -> None:
                  if name.isupper() and isinstance(value, int) and 0 <= value <= 0xFFFF}
     missing = sorted(map(hex, constants - listed))
     assert missing == [], f"status constants missing from the table: {missing}"
+
+
+def test_commitment_status_table_lists_every_status_the_commitment_scp_returns() -> None:
+    listed = {int(row[0], 16) for row in table("commitment-statuses")}
+    constants = {value for name, value in vars(commitment).items()
+                 if name.isupper() and isinstance(value, int) and 0 <= value < 0xFF00 and name not in
+                 ("REQUEST_COMMIT", "ALL_COMMITTED", "SOME_FAILED", "N_EVENT_REPORT_RSP")}
+    assert listed == constants | {requests.OUT_OF_RESOURCES, requests.PROCESSING_FAILURE}
+
+
+def test_storage_commitment_is_accepted_in_the_verification_syntaxes(gateway) -> None:
+    listed = uids("verification-transfer-syntaxes", 1)
+    proposals = [(commitment.SOP_CLASS, [ts]) for ts in [*listed, "1.2.840.10008.1.2.4.50"]]
+    assoc = propose(gateway.port, proposals)
+    try:
+        got = results(assoc, proposals)
+    finally:
+        assoc.release()
+    assert [got[(commitment.SOP_CLASS, ts)] for ts in listed] == [0] * len(listed)
+    assert got[(commitment.SOP_CLASS, "1.2.840.10008.1.2.4.50")] == 4
 
 
 def test_the_result_documented_for_a_peer_without_the_service_is_the_codes() -> None:

@@ -198,6 +198,20 @@ class Index:
         ).fetchall()
         return [dict(row) for row in rows]
 
+    def verified_copies(self, sop_instance_uid: str, sha256: str, fresh_after: str) -> int:
+        """How many distinct healthy disks hold this version, verified at or after `fresh_after`.
+
+        Storage Commitment with commit_requires = "two-disks" needs two: a copy
+        counts only when its bytes (sha256) are the current version's, the disk's
+        last write went well and the copy was re-read recently.
+        """
+        row = self.connection().execute(
+            """SELECT COUNT(DISTINCT c.disk_uuid) FROM disk_copies c JOIN disks d ON d.uuid = c.disk_uuid
+               WHERE c.sop_instance_uid = ? AND c.sha256 = ? AND c.verified_at >= ? AND d.health = ''""",
+            (sop_instance_uid, sha256, fresh_after),
+        ).fetchone()
+        return int(row[0])
+
     def derivation(self, original_sop_instance_uid: str) -> dict[str, Any] | None:
         """The lossy-compressed instance the archive keeps in place of an original."""
         row = self.connection().execute(

@@ -146,6 +146,26 @@ CREATE TABLE IF NOT EXISTS conversion_refusals (
 )
 """
 
+# Storage Commitment: each request a modality made (N-ACTION), kept until its
+# N-EVENT-REPORT was answered with success, so a report the requester could not
+# take (unreachable, restarted) is sent again with backoff, after a restart too.
+# `requested` is a JSON list of [SOP Class UID, SOP Instance UID] pairs.
+COMMITMENT_TABLES = """
+CREATE TABLE IF NOT EXISTS commitment_transactions (
+    transaction_uid TEXT PRIMARY KEY,
+    calling_ae TEXT NOT NULL,
+    address TEXT NOT NULL,
+    requested TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    received_at TEXT NOT NULL,
+    delivered_at TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS commitment_pending ON commitment_transactions(state, next_attempt_at)
+"""
+
 # Steps from one schema version to the next, applied in order to an older index.
 MIGRATIONS = {
     2: "ALTER TABLE instances ADD COLUMN dataset_sha256 TEXT NOT NULL DEFAULT ''",
@@ -155,6 +175,7 @@ MIGRATIONS = {
     6: DISK_TRUTH_TABLES,
     7: PATIENT_NAME_MIGRATION,
     8: REFUSAL_TABLES,
+    9: COMMITMENT_TABLES,
 }
 
 SCHEMA_VERSION = max(MIGRATIONS)

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from appliance.config import NodeSettings
-from appliance.dicom import associate, dimse, negotiation, pdu, peers
+from appliance.dicom import associate, dimse, negotiation, pdu, peers, requests
 from appliance.dicom.association import Association
 from appliance.dicom.dimse import Handlers, Peer
 from appliance.dicom.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
@@ -57,11 +57,15 @@ class Acceptor:
 
     def __init__(self, node: NodeSettings, handlers: Handlers,
                  dispatch: dict[int, dimse.Handler] | None = None,
-                 known: tuple[peers.PeerSettings, ...] = ()) -> None:
+                 known: tuple[peers.PeerSettings, ...] = (),
+                 services: requests.Services | None = None) -> None:
         self.node = node
         self.known = known  # [[peer]]: empty = no per-peer control
         self.handlers = handlers
         self.dispatch = dict(dispatch or dimse.DEFAULT_DISPATCH)
+        self.services = services or requests.Services()
+        self.dispatch.update(self.services.dispatch_table())
+        self.served = self.services.abstract_syntaxes()  # non-storage SOP classes a service registered
         self._active: set[Association] = set()
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
@@ -254,13 +258,15 @@ class Acceptor:
         results = []
         storage: set[str] = set()
         for proposed in request.contexts:
-            result, syntax = negotiation.choose(proposed.abstract_syntax, proposed.transfer_syntaxes)
+            result, syntax = negotiation.choose(proposed.abstract_syntax, proposed.transfer_syntaxes,
+                                                self.served)
             if result == negotiation.ACCEPTANCE and not peers.allows(allowed, proposed.abstract_syntax):
                 result, syntax = negotiation.USER_REJECTION, ""
             results.append((proposed.context_id, result, syntax))
             if result == negotiation.ACCEPTANCE:
                 contexts[proposed.context_id] = (proposed.abstract_syntax, syntax)
-                if proposed.abstract_syntax != negotiation.VERIFICATION:
+                if proposed.abstract_syntax != negotiation.VERIFICATION and \
+                        proposed.abstract_syntax not in self.served:
                     storage.add(proposed.abstract_syntax)
         accept = associate.associate_ac(request, results, storage, self.node.max_pdu,
                                         IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION)

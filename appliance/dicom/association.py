@@ -19,15 +19,24 @@ or our A-ABORT the peer is given `artim_timeout` to close the connection
 from __future__ import annotations
 
 import contextlib
+import io
+import itertools
 import logging
 import socket
 import struct
+import threading
 import time
 from typing import TYPE_CHECKING
+
+from pydicom.dataset import Dataset
+from pynetdicom.dsutils import encode
+from pynetdicom.pdu import P_DATA_TF
 
 from appliance.dicom import command, dimse, pdu
 
 if TYPE_CHECKING:
+    from pynetdicom.dimse_messages import DIMSEMessage
+
     from appliance.dicom.acceptor import Acceptor
 
 log = logging.getLogger("appliance.dicom")
@@ -55,6 +64,10 @@ class Association:
         self.command_context = 0
         self.operation: dimse.Operation | None = None
         self.operation_context = 0
+        self.send_lock = threading.Lock()  # a streamed response and the reader's replies interleave
+        self.running: dict[int, threading.Event] = {}  # message ID -> set by C-CANCEL
+        self.message_ids = itertools.count(1)  # for the requests we send (N-EVENT-REPORT)
+        self.closed = threading.Event()
 
     # --- life cycle -----------------------------------------------------------------
 
@@ -91,6 +104,9 @@ class Association:
                 self.operation = None
             self.command = bytearray()
             self.buffer = bytearray()
+            self.closed.set()
+            for cancelled in list(self.running.values()):
+                cancelled.set()
             with contextlib.suppress(Exception):
                 self.handlers.closed(self.peer)
             self._await_close()
@@ -234,8 +250,33 @@ class Association:
                                 cmd.sop_class if sop_class is None else sop_class, sop_instance, comment)
         self._send(pdu.p_data(cmd.context_id, body, max_pdu=self.peer_max_pdu))
 
-    def _send(self, data: bytes) -> None:
+    def send_message(self, message: DIMSEMessage, context_id: int) -> bool:
+        """Send one of pynetdicom's DIMSE messages, fragmented to the peer's maximum PDU."""
+        data = b""
+        for part in message.encode_msg(context_id, self.peer_max_pdu or 0):
+            tf = P_DATA_TF()
+            tf.from_primitive(part)
+            data += tf.encode()
+        return self._send(data)
+
+    def encode(self, dataset: Dataset, context_id: int) -> io.BytesIO:
+        """`dataset` in the transfer syntax of presentation context `context_id`."""
+        syntax = self.contexts[context_id][1]
+        data = encode(dataset, syntax == "1.2.840.10008.1.2", syntax != "1.2.840.10008.1.2.2")
+        if data is None:
+            raise ValueError("dataset cannot be encoded")
+        return io.BytesIO(data)
+
+    def decode(self, data: bytes, context_id: int) -> Dataset:
+        from appliance.dicom.requests import decode_dataset
+
+        return decode_dataset(data, self.contexts[context_id][1])
+
+    def _send(self, data: bytes) -> bool:
         try:
-            self.sock.sendall(data)
+            with self.send_lock:
+                self.sock.sendall(data)
+            return True
         except OSError as exc:
             log.debug("cannot send to %s: %s", self.peer, exc)
+            return False

@@ -110,8 +110,14 @@ def c_echo(association: Association, cmd: Command) -> Operation | None:
 
 
 def c_cancel(association: Association, cmd: Command) -> Operation | None:
-    """C-CANCEL has no response; nothing we serve can be cancelled (C-STORE cannot)."""
-    log.info("C-CANCEL from %s ignored: no operation here can be cancelled", association.peer)
+    """C-CANCEL has no response; it stops the C-FIND/C-GET/C-MOVE it names, if still running."""
+    target = command.us(cmd.fields, command.MESSAGE_ID_RESPONDED, 0)
+    running = association.running.get(target)
+    if running is not None:
+        running.set()
+        log.info("C-CANCEL from %s for message %d", association.peer, target)
+    else:
+        log.info("C-CANCEL from %s for message %d, which is not running; ignored", association.peer, target)
     return _Discard(association, cmd, None) if cmd.has_dataset else None
 
 

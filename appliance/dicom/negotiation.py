@@ -81,14 +81,16 @@ def _ensure_registered(abstract_syntax: str) -> bool:
 ACCEPTANCE, USER_REJECTION, ABSTRACT_SYNTAX_NOT_SUPPORTED, TRANSFER_SYNTAXES_NOT_SUPPORTED = 0, 1, 3, 4
 
 
-def choose(abstract_syntax: str, proposed: list[str]) -> tuple[int, str]:
+def choose(abstract_syntax: str, proposed: list[str],
+           served: frozenset[str] = frozenset()) -> tuple[int, str]:
     """(result, transfer syntax) for one proposed context.
 
-    Verification takes the first uncompressed syntax proposed; a storage
+    Verification and a SOP class a service registered (`served`: Storage
+    Commitment ...) take the first uncompressed syntax proposed; a storage
     class takes the first syntax we can parse, in the sender's order, so an
     object arrives as the modality made it.
     """
-    if abstract_syntax == VERIFICATION:
+    if abstract_syntax == VERIFICATION or abstract_syntax in served:
         usable = [ts for ts in proposed if ts in UNCOMPRESSED]
     elif _storage_like(abstract_syntax) and _ensure_registered(abstract_syntax):
         usable = [ts for ts in proposed if ts in READABLE_SYNTAXES]

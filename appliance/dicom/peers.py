@@ -8,10 +8,10 @@ contexts of the services its entry lists; Verification (C-ECHO) is always
 allowed to a known peer, so a field engineer can test the link before any
 service is granted.
 
-Service names are the ones a clinic's network plan uses. Only `store` is
-served today; `query`, `retrieve`, `worklist` and `commitment` are accepted
-names for the services to come, so a configuration written now keeps its
-meaning when they arrive.
+Service names are the ones a clinic's network plan uses. `store` and
+`commitment` (Storage Commitment Push Model) are served today; `query`,
+`retrieve` and `worklist` are accepted names for the services to come, so a
+configuration written now keeps its meaning when they arrive.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 SERVICES = ("store", "query", "retrieve", "worklist", "commitment")
-SERVED = ("store",)  # the services the acceptor implements today
+SERVED = ("store", "commitment")  # the services the acceptor implements today
 
 VERIFICATION = "1.2.840.10008.1.1"
 STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
@@ -62,6 +62,10 @@ class PeerSettings:
     services: tuple[str, ...] = field(default=("store",), metadata={
         "check": check_services,
         "doc": "store, query, retrieve, worklist, commitment (echo is always allowed)"})
+    port: int = field(default=0, metadata={
+        "check": lambda v: None if 0 <= v <= 65535 else "a TCP port, 1-65535 (0: none)",
+        "doc": "its DICOM port, where a Storage Commitment report goes when its association has "
+               "closed (address must then be one IP); 0 = none"})
 
     def holds(self, address: str) -> bool:
         """True when the connection's IP address lies in this entry's address or network."""

@@ -1,4 +1,4 @@
-"""The DICOM service: Verification and Storage SCP in front of the archive.
+"""The DICOM service: Verification, Storage and Storage Commitment SCP in front of the archive.
 
 As in pynetdicom's examples, the network side (acceptor.py) calls a few small
 handlers and knows nothing of files or SQLite. A C-STORE hands the received
@@ -29,8 +29,10 @@ from appliance.archive.ingest import Archive, Conflict, OutOfSpace, Rejected
 from appliance.archive.record import InstanceRecord
 from appliance.config import NodeSettings
 from appliance.dicom.acceptor import Acceptor
+from appliance.dicom.commitment import Commitment
 from appliance.dicom.dimse import Peer, StoreRequest
 from appliance.dicom.peers import PeerSettings
+from appliance.dicom.requests import Services
 from appliance.peertext import printable
 
 log = logging.getLogger("appliance.dicom")
@@ -90,11 +92,16 @@ class Counters:
 class DicomService:
     """Verification + Storage SCP bound to an archive."""
 
-    def __init__(self, node: NodeSettings, archive: Archive, known: tuple[PeerSettings, ...] = ()) -> None:
+    def __init__(self, node: NodeSettings, archive: Archive, known: tuple[PeerSettings, ...] = (),
+                 commitment: Commitment | None = None) -> None:
         self.node = node
         self.archive = archive
         self.counters = Counters()
-        self.acceptor = Acceptor(node, self, known=known)
+        self.commitment = commitment
+        services = Services()
+        if commitment is not None:
+            commitment.register(services)
+        self.acceptor = Acceptor(node, self, known=known, services=services)
         self.index_problem = ""  # set while the index cannot be written: stores get 0xA700
 
     # --- handlers the acceptor calls --------------------------------------------
@@ -171,6 +178,8 @@ class DicomService:
     # --- life cycle ------------------------------------------------------------
 
     def start(self) -> None:
+        if self.commitment is not None:
+            self.commitment.start()
         try:
             self.acceptor.start()
         except OSError as exc:
@@ -189,6 +198,8 @@ class DicomService:
     def stop(self, grace: float = 30.0) -> None:
         """Stop listening, let running associations finish, then abort the rest."""
         self.acceptor.stop(grace)
+        if self.commitment is not None:
+            self.commitment.stop()
         log.info("DICOM service stopped")
 
     def state(self) -> dict[str, object]:

@@ -6,6 +6,7 @@ import logging
 
 from appliance.archive.reconcile import BackgroundCheck
 from appliance.config import Settings
+from appliance.dicom.commitment import Commitment
 from appliance.dicom.scp import DicomService
 from appliance.service import start_with_archive
 
@@ -24,7 +25,9 @@ def run(settings: Settings) -> int:
         log.error("cannot clean %s: %s", archive.temp_dir, exc)
         return 1
     archive.on_conflict = settings.storage.on_conflict
-    service = DicomService(node, archive, known=settings.peers)
+    commitment = Commitment(archive, node.ae_title, settings.peers, settings.storage.commit_requires,
+                            settings.disks.verified_within_hours)
+    service = DicomService(node, archive, known=settings.peers, commitment=commitment)
     try:
         service.start()
     except OSError as exc:
