@@ -16,26 +16,27 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
-import hashlib
 import logging
 import os
 import secrets
 import shutil
 import sqlite3
 import stat
-import warnings
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 
-from appliance.archive import durable, layout
+from appliance.archive import durable, layout, quarantine
+from appliance.archive.clock import now_local
+from appliance.archive.digests import dataset_digest, file_digest, stored_dataset_digest
 from appliance.archive.index import Index
+from appliance.archive.part10 import write_part10_from_raw
+from appliance.archive.quarantine import discard
 from appliance.archive.record import InstanceRecord, UnreadableObject, read_record
 from appliance.dicom.structure import DEFAULT_LIMITS, Limits
 from appliance.peertext import printable
@@ -76,10 +77,6 @@ class Stored:
     path: Path
     sha256: str
     size: int
-
-
-def now_local() -> dt.datetime:
-    return dt.datetime.now().astimezone()
 
 
 class Archive:
@@ -176,19 +173,19 @@ class Archive:
                 refusal = expect(record) if expect is not None else None
                 if refusal:
                     raise Rejected(refusal, None)
-                digest = _file_digest(fp)
+                digest = file_digest(fp)
                 dataset_offset = walk.dataset_offset
                 os.fsync(fp.fileno())
         except Rejected as exc:
             quarantined = self.quarantine(temp, exc.reason, calling_ae=calling_ae, source=source)
             raise Rejected(exc.reason, quarantined) from None
         except OSError as exc:
-            _discard(temp)
+            discard(temp)
             if durable.is_out_of_space(exc):
                 raise OutOfSpace(f"cannot write to {self.data_dir}: {exc.strerror}") from exc
             raise
         except OutOfSpace:
-            _discard(temp)
+            discard(temp)
             raise
         try:
             with self._instance_lock(record.sop_instance_uid):
@@ -197,7 +194,7 @@ class Archive:
         except (OSError, sqlite3.Error) as exc:
             # The lock file or the index lookup failed before _place took the
             # temp file over (or _place already dropped it): never leave it behind.
-            _discard(temp)
+            discard(temp)
             if _is_space_error(exc):
                 raise OutOfSpace(f"cannot archive on {self.data_dir}: {exc}") from exc
             raise
@@ -229,11 +226,11 @@ class Archive:
         if existing is None:
             derived = self._kept_as_derivation(record.sop_instance_uid, temp, dataset_offset)
             if derived is not None:
-                _discard(temp)
+                discard(temp)
                 return Stored("duplicate", record, derived, "", size)
         if existing is not None and old_path is not None:
-            if _dataset_digest(temp, dataset_offset) == _stored_dataset_digest(existing, old_path):
-                _discard(temp)
+            if dataset_digest(temp, dataset_offset) == stored_dataset_digest(existing, old_path):
+                discard(temp)
                 return Stored("duplicate", record, old_path, existing["sha256"], size)
             if keep_previous and self.on_conflict != "replace":
                 kept_first = self._conflict(temp, record, old_path, calling_ae, source)
@@ -262,7 +259,7 @@ class Archive:
                 for hook in self.on_indexed:
                     hook(conn, row, record)
         except (OSError, sqlite3.Error) as exc:
-            _discard(target if placed else temp)
+            discard(target if placed else temp)
             if _is_space_error(exc):
                 raise OutOfSpace(f"cannot archive on {self.data_dir}: {exc}") from exc
             raise
@@ -270,7 +267,7 @@ class Archive:
             return Stored("stored", record, target, digest, size)
         if not keep_previous:
             if old_path != target:
-                _discard(old_path)
+                discard(old_path)
             return Stored("replaced", record, target, digest, size)
         kept = self.replaced_dir / received.strftime("%Y%m%d-%H%M%S-%f") / existing["path"]
         try:
@@ -324,7 +321,7 @@ class Archive:
         with open(path, "rb") as fp:
             size = os.fstat(fp.fileno()).st_size
             record, walk = read_record(fp, size, str(path))
-            digest = _file_digest(fp)
+            digest = file_digest(fp)
         received = dt.datetime.fromtimestamp(path.stat().st_mtime).astimezone()
         relative = str(path.relative_to(self.data_dir))
         with self._instance_lock(record.sop_instance_uid):
@@ -350,7 +347,7 @@ class Archive:
         derivation = self.index.derivation(sop_instance_uid)
         if derivation is None:
             return None
-        if _dataset_digest(temp, dataset_offset) != derivation["original_dataset_sha256"]:
+        if dataset_digest(temp, dataset_offset) != derivation["original_dataset_sha256"]:
             return None
         derived = self.index.stored_file(derivation["derived_sop_instance_uid"])
         return self.data_dir / derived["path"] if derived else None
@@ -371,10 +368,10 @@ class Archive:
         try:
             yield temp
         except UnreadableObject as exc:
-            _discard(temp)
+            discard(temp)
             raise Rejected(str(exc), None) from None
         except OSError as exc:
-            _discard(temp)
+            discard(temp)
             if durable.is_out_of_space(exc):
                 raise OutOfSpace(f"cannot write to {self.temp_dir}: {exc.strerror}") from exc
             raise
@@ -406,7 +403,7 @@ class Archive:
                     with open(temp, "wb") as dst:
                         shutil.copyfileobj(src, dst, 1 << 20)
                 else:
-                    _write_part10_from_raw(src, temp)
+                    write_part10_from_raw(src, temp)
         return self.ingest_file(temp, **kwargs)
 
     def _check_before_copying(self, src: BinaryIO, size: int, source: str, part10: bool) -> None:
@@ -430,39 +427,9 @@ class Archive:
     # --- quarantine ------------------------------------------------------------
 
     def quarantine(self, temp: Path, reason: str, *, calling_ae: str = "", source: str = "") -> Path | None:
-        """Keep the bytes of a rejected object with the reason beside them."""
-        size = temp.stat().st_size if temp.exists() else 0
-        if size > QUARANTINE_MAX_BYTES:
-            _discard(temp)
-            log.warning("rejected object (%s); %s bytes, over the quarantine limit of %s: not kept",
-                        reason, f"{size:,}", f"{QUARANTINE_MAX_BYTES:,}")
-            return None
-        stamp = now_local()
-        folder = self.quarantine_dir / stamp.strftime("%Y%m%d")
-        name = f"{stamp.strftime('%H%M%S-%f')}-{secrets.token_hex(3)}"
-        target = folder / f"{name}.dcm"
-        try:
-            durable.make_dirs_durable(folder)
-            durable.write_durable(
-                folder / f"{name}.txt",
-                (
-                    # One line per field: a calling AE or a file name holding a newline
-                    # must not forge a line of this record.
-                    f"reason: {printable(reason, 1024)}\ncalling_ae: {printable(calling_ae)}\n"
-                    f"source: {printable(source, 1024)}\n"
-                    f"received_at: {stamp.isoformat(timespec='seconds')}\n"
-                ).encode("utf-8", "replace"),
-                self.temp_dir,
-            )
-            with open(temp, "rb") as fp:
-                os.fsync(fp.fileno())
-            durable.move_durable(temp, target)
-        except OSError as exc:
-            log.error("cannot quarantine %s (%s): %s", source or temp, reason, exc)
-            _discard(temp)
-            return None
-        log.warning("rejected object (%s); bytes kept in %s", reason, target)
-        return target
+        """Keep the bytes of a rejected object with the reason beside them (quarantine.keep)."""
+        return quarantine.keep(self.quarantine_dir, self.temp_dir, temp, reason, calling_ae=calling_ae,
+                               source=source, max_bytes=QUARANTINE_MAX_BYTES)
 
     # --- locking ---------------------------------------------------------------
 
@@ -478,47 +445,6 @@ class Archive:
             os.close(fd)
 
 
-def _file_digest(fp: BinaryIO) -> str:
-    """sha256 of the whole file: what copies on external disks are verified against.
-
-    One pass per image: on a Raspberry Pi 4 (no SHA instructions) each pass
-    over a 512 KB CT slice costs several milliseconds.
-    """
-    fp.seek(0)
-    return hashlib.file_digest(fp, "sha256").hexdigest()
-
-
-def _dataset_digest(path: Path, dataset_offset: int) -> str:
-    """sha256 of the dataset alone, past the file meta.
-
-    Two files of the same instance that differ only in their file meta (one
-    from C-STORE, one from a CD) hold the same image: this digest decides
-    "received again, identical". Computed only when the SOP Instance UID is
-    already known, which is rare.
-    """
-    with open(path, "rb") as fp:
-        fp.seek(dataset_offset)
-        return hashlib.file_digest(fp, "sha256").hexdigest()
-
-
-def _stored_dataset_digest(existing: dict, path: Path) -> str:
-    if existing.get("dataset_sha256"):
-        return existing["dataset_sha256"]
-    from appliance.dicom.structure import IncompleteDataset, check_part10
-
-    try:
-        with open(path, "rb") as fp:
-            offset = check_part10(fp, path.stat().st_size).dataset_offset
-        return _dataset_digest(path, offset)
-    except (IncompleteDataset, OSError):
-        return ""  # a damaged stored copy is never "identical": the new one replaces it
-
-
-def _discard(path: Path) -> None:
-    with suppress(FileNotFoundError):
-        path.unlink()
-
-
 def _is_space_error(exc: BaseException) -> bool:
     if isinstance(exc, sqlite3.OperationalError):
         text = str(exc).lower()
@@ -526,27 +452,3 @@ def _is_space_error(exc: BaseException) -> bool:
     return durable.is_out_of_space(exc)
 
 
-def _write_part10_from_raw(src: BinaryIO, temp: Path) -> None:
-    """Give a raw dataset (no preamble, no file meta) a Part 10 header."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            ds = pydicom.dcmread(src, force=True)
-            ds.SOPInstanceUID  # noqa: B018 - identity must be readable
-            ds.SOPClassUID  # noqa: B018
-        except Exception as exc:
-            raise UnreadableObject(f"not a DICOM file: {exc}") from None
-    if len(ds) == 0:
-        raise UnreadableObject("not a DICOM file")
-    implicit, little = ds.original_encoding
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    if implicit:
-        meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
-    elif little:
-        meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    else:
-        meta.TransferSyntaxUID = pydicom.uid.ExplicitVRBigEndian
-    ds.file_meta = meta
-    ds.save_as(temp, enforce_file_format=True)

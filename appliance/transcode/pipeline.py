@@ -164,12 +164,12 @@ class Converter:
 
     def _retire_original(self, uid: str, derived_uid: str, path) -> None:
         """The lossy version is indexed: the original's row goes, a derivation row stays."""
-        from appliance.archive.ingest import _dataset_digest
+        from appliance.archive.digests import dataset_digest
         from appliance.dicom.structure import check_part10
 
         with open(path, "rb") as fp:
             offset = check_part10(fp, path.stat().st_size).dataset_offset
-        original_digest = _dataset_digest(path, offset)
+        original_digest = dataset_digest(path, offset)
         with self.archive.index.transaction() as tx:
             old = self.archive.remove_instance(uid, tx)
             tx.execute(
