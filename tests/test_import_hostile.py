@@ -103,9 +103,9 @@ def test_a_huge_sparse_file_is_refused_without_a_copy(tmp_path: Path) -> None:
 
 def test_an_oversized_rejected_object_is_not_kept_in_quarantine(tmp_path: Path, monkeypatch, caplog) -> None:
     """The same limit guards the door for every producer (a C-STORE of a huge broken object too)."""
-    from appliance.archive import ingest
+    from appliance.archive import ingest, quarantine
 
-    monkeypatch.setattr(ingest, "QUARANTINE_MAX_BYTES", 1000)
+    monkeypatch.setattr(quarantine, "MAX_BYTES", 1000)
     archive = ingest.Archive(tmp_path / "data")
     broken = (TEST_FILES / "rtdose.dcm").read_bytes()[:-2000]
     with pytest.raises(ingest.Rejected) as caught:

@@ -21,21 +21,19 @@ import os
 import secrets
 import shutil
 import sqlite3
-import stat
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
-
-from pydicom.dataset import Dataset
+from typing import Literal
 
 from appliance.archive import durable, layout, quarantine
 from appliance.archive.clock import now_local
 from appliance.archive.digests import dataset_digest, file_digest, stored_dataset_digest
+from appliance.archive.doors import FrontDoors
+from appliance.archive.errors import Conflict, OutOfSpace, Rejected
 from appliance.archive.index import Index
-from appliance.archive.part10 import write_part10_from_raw
 from appliance.archive.quarantine import discard
 from appliance.archive.record import InstanceRecord, UnreadableObject, read_record
 from appliance.dicom.structure import DEFAULT_LIMITS, Limits
@@ -45,29 +43,9 @@ from appliance.processes import pid_alive
 log = logging.getLogger("appliance.archive")
 
 LOCK_STRIPES = 64
-# Rejected objects bigger than this are refused without keeping their bytes: a 2 GB sparse file that
-# starts like DICOM must not fill the disk as 2 GB of real blocks in quarantine.
-QUARANTINE_MAX_BYTES = 256_000_000
 TEMP_SUFFIX = ".part"
 
 IndexedHook = Callable[[sqlite3.Connection, int, InstanceRecord], None]
-
-
-class OutOfSpace(Exception):
-    """The archive cannot take the object now (disk full or unwritable); try later."""
-
-
-class Rejected(Exception):
-    """The object is not a usable DICOM instance; its bytes are in quarantine."""
-
-    def __init__(self, reason: str, quarantined: Path | None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.quarantined = quarantined
-
-
-class Conflict(Rejected):
-    """[storage] on_conflict = "reject": another sender's instance with other content; bytes in quarantine."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +57,7 @@ class Stored:
     size: int
 
 
-class Archive:
+class Archive(FrontDoors):
     """The archive tree under <data_dir>, its temp area, quarantine and index."""
 
     def __init__(self, data_dir: Path, *, min_free_bytes: int = 0, limits: Limits = DEFAULT_LIMITS) -> None:
@@ -361,75 +339,12 @@ class Archive:
         conn.execute("DELETE FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,))
         return self.data_dir / row[0] if row else None
 
-    @contextmanager
-    def _new_temp(self) -> Iterator[Path]:
-        """A temp path for a producer to write an object to; a failed write leaves nothing."""
-        temp = self.new_temp_path()
-        try:
-            yield temp
-        except UnreadableObject as exc:
-            discard(temp)
-            raise Rejected(str(exc), None) from None
-        except OSError as exc:
-            discard(temp)
-            if durable.is_out_of_space(exc):
-                raise OutOfSpace(f"cannot write to {self.temp_dir}: {exc.strerror}") from exc
-            raise
-
-    def ingest_bytes(self, data: bytes, **kwargs) -> Stored:
-        """Archive a Part 10 byte string (a dicomizer's output, a test)."""
-        with self._new_temp() as temp:
-            temp.write_bytes(data)
-        return self.ingest_file(temp, **kwargs)
-
-    def ingest_copy(self, path: Path, **kwargs) -> Stored:
-        """Archive a copy of the DICOM file at `path` (import from a CD, a share).
-
-        A file without the Part 10 header (older CDs) is given one; its
-        dataset bytes are then re-encoded by pydicom, not kept as they were.
-        """
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)  # a FIFO must not block us
-        with open(fd, "rb") as src:
-            info = os.fstat(src.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise Rejected(f"{path}: not a regular file", None)
-            head = src.read(132)
-            src.seek(0)
-            if info.st_size > QUARANTINE_MAX_BYTES:
-                self._check_before_copying(src, info.st_size, kwargs.get("source") or str(path),
-                                           head[128:132] == b"DICM")
-            with self._new_temp() as temp:
-                if head[128:132] == b"DICM":
-                    with open(temp, "wb") as dst:
-                        shutil.copyfileobj(src, dst, 1 << 20)
-                else:
-                    write_part10_from_raw(src, temp)
-        return self.ingest_file(temp, **kwargs)
-
-    def _check_before_copying(self, src: BinaryIO, size: int, source: str, part10: bool) -> None:
-        """A file too big for quarantine is checked where it lies: refused, nothing copied."""
-        limit = f"{size:,} bytes, over the quarantine limit of {QUARANTINE_MAX_BYTES:,}: nothing copied"
-        if not part10:
-            raise Rejected(f"{source}: a dataset without the Part 10 header of {limit}", None)
-        try:
-            read_record(src, size, source)
-        except UnreadableObject as exc:
-            raise Rejected(f"{exc}; {limit}", None) from None
-        finally:
-            src.seek(0)
-
-    def ingest_dataset(self, ds: Dataset, **kwargs) -> Stored:
-        """Archive a dataset built in memory (dicomizers, the store-format converter)."""
-        with self._new_temp() as temp:
-            ds.save_as(temp, enforce_file_format=True)
-        return self.ingest_file(temp, **kwargs)
-
     # --- quarantine ------------------------------------------------------------
 
     def quarantine(self, temp: Path, reason: str, *, calling_ae: str = "", source: str = "") -> Path | None:
         """Keep the bytes of a rejected object with the reason beside them (quarantine.keep)."""
         return quarantine.keep(self.quarantine_dir, self.temp_dir, temp, reason, calling_ae=calling_ae,
-                               source=source, max_bytes=QUARANTINE_MAX_BYTES)
+                               source=source)
 
     # --- locking ---------------------------------------------------------------
 

@@ -20,6 +20,10 @@ from appliance.peertext import printable
 
 log = logging.getLogger("appliance.archive")
 
+# Rejected objects bigger than this are refused without keeping their bytes: a 2 GB sparse file that
+# starts like DICOM must not fill the disk as 2 GB of real blocks in quarantine.
+MAX_BYTES = 256_000_000
+
 
 def discard(path: Path) -> None:
     with suppress(FileNotFoundError):
@@ -27,12 +31,13 @@ def discard(path: Path) -> None:
 
 
 def keep(quarantine_dir: Path, temp_dir: Path, temp: Path, reason: str, *, calling_ae: str = "",
-         source: str = "", max_bytes: int) -> Path | None:
+         source: str = "", max_bytes: int | None = None) -> Path | None:
     """Move `temp` to `<quarantine_dir>/<YYYYMMDD>/<time>-<id>.dcm`, the reason in a .txt beside it.
 
     Returns the kept path, or None when nothing was kept (over `max_bytes`, or
     even the quarantine cannot be written: the bytes are dropped with an ERROR).
     """
+    max_bytes = MAX_BYTES if max_bytes is None else max_bytes
     size = temp.stat().st_size if temp.exists() else 0
     if size > max_bytes:
         discard(temp)
