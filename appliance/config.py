@@ -22,6 +22,19 @@ from pathlib import Path
 from typing import Any
 
 from appliance.dicom.peers import PeerSettings
+from appliance.disks.settings import DisksSettings
+from appliance.fields import (  # noqa: F401 - the checks other modules and tests take from here
+    check_ae_title,
+    check_ae_titles,
+    check_name,
+    check_nonempty,
+    check_not_negative,
+    check_port,
+    check_positive,
+    check_window,
+)
+from appliance.fields import checked as _checked
+from appliance.forward.settings import DestinationSettings, ForwardSettings, MatchSettings  # noqa: F401
 
 CONFIG_ENV = "APPLIANCE_CONFIG"
 # Where the appliance image keeps its configuration: a field engineer's
@@ -36,46 +49,9 @@ class ConfigError(Exception):
 # --- value checks -------------------------------------------------------------
 
 
-def check_ae_title(value: str) -> str | None:
-    if not value.strip():
-        return "an AE title must not be empty"
-    if len(value) > 16:
-        return f"an AE title has at most 16 characters, this one has {len(value)}"
-    if not value.isascii() or "\\" in value or any(ord(c) < 32 for c in value):
-        return "an AE title uses printable ASCII characters without backslash"
-    return None
-
-
-def check_port(value: int) -> str | None:
-    return None if 1 <= value <= 65535 else "a TCP port is a number from 1 to 65535"
-
-
-def check_positive(value: float) -> str | None:
-    return None if value > 0 else "must be greater than 0"
-
-
-def check_not_negative(value: float) -> str | None:
-    return None if value >= 0 else "must be 0 or more"
-
-
-def check_ae_titles(value: tuple[str, ...]) -> str | None:
-    for title in value:
-        problem = check_ae_title(title)
-        if problem:
-            return f"{title!r}: {problem}"
-    return None
-
-
 def check_log_level(value: str) -> str | None:
     allowed = ("DEBUG", "INFO", "WARNING", "ERROR")
     return None if value.upper() in allowed else f"one of {', '.join(allowed)}"
-
-
-def _checked(default: Any, check: Callable[[Any], str | None] | None = None, doc: str = ""):
-    """A dataclass field with a validation function and a one-line description."""
-    if isinstance(default, (list, dict, set)):
-        raise TypeError("use tuples for defaults")
-    return field(default=default, metadata={"check": check, "doc": doc})
 
 
 # --- sections -----------------------------------------------------------------
@@ -205,96 +181,6 @@ class StorageSettings:
         if format_class == "lossy":
             return syntaxes.resolve(self.lossy_syntax) or self.lossy_syntax
         return syntaxes.UNIVERSAL[0]
-
-
-def check_accepts(value: tuple[str, ...]) -> str | None:
-    from appliance.transcode import syntaxes
-
-    if not value:
-        return "list at least one class or syntax (every node takes \"uncompressed\")"
-    for entry in value:
-        if entry not in syntaxes.CLASSES and syntaxes.resolve(entry) is None:
-            return (f"{entry!r} is neither a class (uncompressed, lossless, lossy) nor a transfer "
-                    "syntax UID or pydicom keyword")
-    return None
-
-
-def check_name(value: str) -> str | None:
-    ok = value and all(c.isalnum() or c in "-_." for c in value) and len(value) <= 32
-    return None if ok else "1-32 letters, digits, '-', '_' or '.'"
-
-
-def check_nonempty(value: str) -> str | None:
-    return None if value.strip() else "must not be empty"
-
-
-def check_window(value: str) -> str | None:
-    from appliance.disks.window import parse_window
-
-    try:
-        parse_window(value)
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
-@dataclass(frozen=True)
-class MatchSettings:
-    """Which objects go to a destination; every list given must match, empty = any."""
-
-    modality: tuple[str, ...] = _checked((), None, "Modality values, e.g. [\"CR\", \"DX\"]")
-    calling_ae: tuple[str, ...] = _checked((), None, "calling AE titles of the senders")
-    sop_class: tuple[str, ...] = _checked((), None, "SOP Class UIDs")
-    station_name: tuple[str, ...] = _checked((), None, "Station Name values")
-    patient_id: str = _checked("", None, "a glob pattern on Patient ID, e.g. \"H*\"")
-
-
-@dataclass(frozen=True)
-class DestinationSettings:
-    """[[destination]]: a PACS or workstation the gateway forwards to."""
-
-    name: str = _checked(dataclasses.MISSING, check_name, "short name used in commands")
-    ae_title: str = _checked(dataclasses.MISSING, check_ae_title, "the destination's AE title")
-    host: str = _checked(dataclasses.MISSING, check_nonempty, "host name or IP address")
-    port: int = _checked(dataclasses.MISSING, check_port, "its DICOM port")
-    accepts: tuple[str, ...] = _checked(
-        ("uncompressed",), check_accepts, "classes or syntaxes it takes, by preference"
-    )
-    match: MatchSettings = field(default_factory=MatchSettings, metadata={"doc": "routing rule"})
-    max_associations: int = _checked(1, check_positive, "parallel associations to it")
-    echo_interval: float = _checked(60.0, check_positive, "seconds between C-ECHO health checks")
-    stable_seconds: float = _checked(0.0, check_not_negative, "send a study once no new image of it "
-                                     "arrived for this long (0: at once)")
-    window: str = _checked("always", check_window, 'when to send: "HH:MM-HH:MM" (may wrap midnight) '
-                           'or "always"')
-
-
-@dataclass(frozen=True)
-class ForwardSettings:
-    """[forward]: how the forwarder retries."""
-
-    first_backoff_seconds: float = _checked(5.0, check_positive, "first wait after a failure")
-    max_backoff_seconds: float = _checked(600.0, check_positive, "longest wait between tries")
-    max_attempts: int = _checked(5, check_positive, "tries before an object a destination refuses "
-                                 "is marked failed")
-    batch_size: int = _checked(200, check_positive, "objects of one study per association at most")
-
-
-@dataclass(frozen=True)
-class DisksSettings:
-    """[disks]: external USB HDDs in mirror pairs (the section switches the disks service on)."""
-
-    enabled: bool = _checked(True, None, "false keeps the section but stops the service")
-    copy_window: str = _checked("19:00-23:59", check_window, '"HH:MM-HH:MM" or "always"')
-    spool_days: int = _checked(30, check_positive, "days an image stays on the internal disk")
-    min_free_gb: float = _checked(2.0, check_not_negative, "rotate to the next pair below this")
-    pause_ms: float = _checked(5.0, check_not_negative,
-                               "pause between copied files while images are arriving")
-    round_seconds: float = _checked(10.0, check_positive,
-                                    "how often the service looks at every disk and publishes its state")
-    verified_within_hours: float = _checked(24.0, check_positive,
-                                            "a copy counts for retention when its hash was checked this "
-                                            "recently; older ones are read back first")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from appliance.fields import check_ae_title
+
 SERVICES = ("store", "query", "retrieve", "worklist", "commitment")
 SERVED = ("store", "commitment")  # the services the acceptor implements today
 
@@ -26,12 +28,6 @@ VERIFICATION = "1.2.840.10008.1.1"
 STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
 WORKLIST_ROOT = "1.2.840.10008.5.1.4.31"
 QUERY_RETRIEVE_ROOT = "1.2.840.10008.5.1.4.1.2."
-
-
-def check_ae_title(value: str) -> str | None:
-    from appliance.config import check_ae_title as check  # config imports this module
-
-    return check(value)
 
 
 def check_address(value: str) -> str | None:
