@@ -51,7 +51,6 @@ import argparse
 import copy
 import datetime as dt
 import gc
-import io
 import json
 import math
 import platform
@@ -59,7 +58,6 @@ import shlex
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -96,20 +94,6 @@ Encoder = Callable[[np.ndarray], bytes | bytearray]
 Decoder = Callable[[bytes], np.ndarray]
 
 
-def read(blob: bytes) -> Dataset:
-    """A dataset parsed from Part 10 bytes, as the convert service's dcmread gives it."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pydicom.dcmread(io.BytesIO(blob))
-
-
-def part10(ds: Dataset) -> bytes:
-    """`ds` as Part 10 bytes, as the convert service writes it (in memory: no disk in the figures)."""
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
 @dataclass
 class ImageSet:
     """Images as Part 10 bytes, so every timed call starts from a fresh parse."""
@@ -135,7 +119,7 @@ def load_sets(ct_count: int, rgb_count: int, cache: Path) -> list[ImageSet]:
     spec = synthetic.CTSpec(count=ct_count)
     ct_blobs = [path.read_bytes() for path in synthetic.cached(spec, cache)]
     rgb_spec = synthetic.RGBSpec(count=rgb_count)
-    rgb_blobs = [part10(ds) for ds in synthetic.rgb_datasets(rgb_spec)]
+    rgb_blobs = [synthetic.part10(ds) for ds in synthetic.rgb_datasets(rgb_spec)]
     sets = [
         ImageSet("CT", f"synthetic CT, {spec.rows}x{spec.columns}, 16 bits allocated, "
                  f"{spec.bits_stored} stored, MONOCHROME2", ct_blobs, 0, spec.bits_stored),
@@ -143,7 +127,7 @@ def load_sets(ct_count: int, rgb_count: int, cache: Path) -> list[ImageSet]:
                  "RGB, 8 bits", rgb_blobs, 0, 8),
     ]
     for image_set in sets:
-        image_set.frames = [frame_of(read(blob)) for blob in image_set.blobs]
+        image_set.frames = [frame_of(synthetic.read(blob)) for blob in image_set.blobs]
         image_set.native_bytes = image_set.frames[0].nbytes
     return sets
 
@@ -325,14 +309,14 @@ def measure_block(image_set: ImageSet, target: str, quality: Quality, round_: in
     With `checks`, also the ratio, PSNR or exactness, codestream identity
     and file read/write times (they do not change between rounds).
     """
-    encode = direct_encoder(target, read(image_set.blobs[0]), quality)
-    decoder_name, decode = direct_decoder(target, read(image_set.blobs[0]))
+    encode = direct_encoder(target, synthetic.read(image_set.blobs[0]), quality)
+    decoder_name, decode = direct_decoder(target, synthetic.read(image_set.blobs[0]))
     result.direct_decoder = decoder_name
     # Warm-up: first calls load plugins and fill allocator pools.
-    warm = convert(read(image_set.blobs[0]), target, quality).dataset
+    warm = convert(synthetic.read(image_set.blobs[0]), target, quality).dataset
     encode(image_set.frames[0])
-    warm_blob = part10(warm)
-    convert(read(warm_blob), uid.ExplicitVRLittleEndian)
+    warm_blob = synthetic.part10(warm)
+    convert(synthetic.read(warm_blob), uid.ExplicitVRLittleEndian)
     decode(next(generate_frames(warm.PixelData, number_of_frames=1)))
 
     pairs: list[Pair] = []
@@ -347,7 +331,7 @@ def measure_block(image_set: ImageSet, target: str, quality: Quality, round_: in
     started = time.monotonic()
     for index, (blob, frame) in enumerate(zip(image_set.blobs, image_set.frames, strict=True)):
         gc.collect()
-        source, read_ns, _ = _timed(lambda blob=blob: read(blob))
+        source, read_ns, _ = _timed(lambda blob=blob: synthetic.read(blob))
         reads.append(read_ns)
         pipeline_first = (index + round_) % 2 == 0
         if pipeline_first:
@@ -358,9 +342,9 @@ def measure_block(image_set: ImageSet, target: str, quality: Quality, round_: in
             conversion, pipe_ns, pipe_cpu = _timed(lambda s=source: pipeline(s))
         encoded_ds = conversion.dataset
         fragment = next(generate_frames(encoded_ds.PixelData, number_of_frames=1))
-        encoded_blob, write_ns, _ = _timed(lambda d=encoded_ds: part10(d))
+        encoded_blob, write_ns, _ = _timed(lambda d=encoded_ds: synthetic.part10(d))
         writes.append(write_ns)
-        stored = read(encoded_blob)
+        stored = synthetic.read(encoded_blob)
         decoded, dec_ns, _ = _timed(lambda s=stored: convert(s, uid.ExplicitVRLittleEndian, verify=False))
         _, dec_direct_ns, _ = _timed(lambda f=fragment: decode(f))
         pairs.append(Pair(pipe_ns, direct_ns, pipe_cpu, direct_cpu, dec_ns, dec_direct_ns))
@@ -410,7 +394,7 @@ def start(image_set: ImageSet, target: str, quality: Quality, rounds: int) -> Re
                     images=len(image_set.blobs), rounds=rounds, native_bytes=image_set.native_bytes,
                     decoder_plugin=pydicom_plugin(target))
     try:
-        convert(read(image_set.blobs[0]), target, quality)
+        convert(synthetic.read(image_set.blobs[0]), target, quality)
     except CannotConvert as exc:
         result.status, result.reason = "n/a", str(exc)
     return result
@@ -465,9 +449,9 @@ def fixed_costs(image_set: ImageSet) -> dict[str, float]:
     """
     copies, walks, reads = [], [], []
     for blob in image_set.blobs:
-        source, read_ns, _ = _timed(lambda b=blob: read(b))
+        source, read_ns, _ = _timed(lambda b=blob: synthetic.read(b))
         _, copy_ns, _ = _timed(lambda s=source: copy.deepcopy(s))
-        walked = read(blob)
+        walked = synthetic.read(blob)
         _, walk_ns, _ = _timed(lambda w=walked: sum(1 for _ in w.iterall()))
         reads.append(read_ns)
         copies.append(copy_ns)
@@ -501,10 +485,11 @@ def sweep(image_set: ImageSet, count: int, qualities: tuple[int, ...]) -> list[S
             values, times = [], []
             try:
                 for blob, frame in zip(blobs, frames, strict=True):
-                    conversion, ns, _ = _timed(lambda b=blob, q=quality, t=target: convert(read(b), t, q))
+                    conversion, ns, _ = _timed(
+                        lambda b=blob, q=quality, t=target: convert(synthetic.read(b), t, q))
                     ds = conversion.dataset
                     fragment = next(generate_frames(ds.PixelData, number_of_frames=1))
-                    back = convert(read(part10(ds)), uid.ExplicitVRLittleEndian).dataset
+                    back = convert(synthetic.read(synthetic.part10(ds)), uid.ExplicitVRLittleEndian).dataset
                     sizes.append((frame.nbytes, len(fragment)))
                     values.append(psnr(frame, _decoded(back, frame.shape), image_set.bits_stored))
                     times.append(ns)

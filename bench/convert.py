@@ -21,15 +21,12 @@ the conversion goes. Results: a table on stdout and bench/results/convert.json.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
-import pydicom
 import synthetic
 from pydicom import uid
 from pydicom.dataset import Dataset
@@ -56,21 +53,9 @@ CASES = [
 ]
 
 
-def read(blob: bytes) -> Dataset:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pydicom.dcmread(io.BytesIO(blob))
-
-
-def part10(ds: Dataset) -> bytes:
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
 def sources(count: int, cache: Path) -> dict[str, list[bytes]]:
     ct = [path.read_bytes() for path in synthetic.cached(synthetic.CTSpec(count=count), cache)]
-    rgb = [part10(ds) for ds in synthetic.rgb_datasets(synthetic.RGBSpec(count=count))]
+    rgb = [synthetic.part10(ds) for ds in synthetic.rgb_datasets(synthetic.RGBSpec(count=count))]
     return {"CT": ct, "RGB": rgb}
 
 
@@ -78,7 +63,7 @@ def stored_as(blobs: list[bytes], syntax: str) -> list[bytes]:
     """The images as the archive would hold them in `syntax` (made once, not timed)."""
     if syntax == uid.ExplicitVRLittleEndian:
         return blobs
-    return [part10(convert(read(b), syntax, verify=False).dataset) for b in blobs]
+    return [synthetic.part10(convert(synthetic.read(b), syntax, verify=False).dataset) for b in blobs]
 
 
 def native_bytes(ds: Dataset) -> int:
@@ -93,11 +78,11 @@ def measure(blobs: list[bytes], target: str, rounds: int) -> dict[str, float]:
         for n, blob in enumerate(blobs):
             order = (True, False) if (n + round_number) % 2 == 0 else (False, True)
             for verify in order:
-                ds = read(blob)
+                ds = synthetic.read(blob)
                 start = time.perf_counter()
                 convert(ds, target, in_place=True, verify=verify)
                 times[verify].append(time.perf_counter() - start)
-    size = native_bytes(read(blobs[0]))
+    size = native_bytes(synthetic.read(blobs[0]))
     off, on = statistics.median(times[False]), statistics.median(times[True])
     return {"native_bytes": size, "ms_off": off * 1000, "ms_on": on * 1000,
             "images_per_s_off": 1 / off, "images_per_s_on": 1 / on,
@@ -120,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'':<58} {'img/s':>8} {'MB/s':>8} {'img/s':>8} {'MB/s':>8}")
     for set_name, stored, target in CASES:
         blobs = stored_as(sets[set_name], stored)
-        convert(read(blobs[0]), target)  # warm the codecs' imports
+        convert(synthetic.read(blobs[0]), target)  # warm the codecs' imports
         row = {"set": set_name, "from": name_of(stored), "to": name_of(target),
                **measure(blobs, target, args.rounds)}
         rows.append(row)

@@ -20,14 +20,17 @@ the same 500 MB again.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import math
 import shutil
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
@@ -406,3 +409,17 @@ def rgb_dataset(spec: RGBSpec, index: int, pixels: np.ndarray) -> Dataset:
 def rgb_datasets(spec: RGBSpec) -> list[Dataset]:
     """The frames of `spec` as datasets, in memory: 40 frames take about a second to make."""
     return [rgb_dataset(spec, index, rgb_frame(spec, index)) for index in range(spec.count)]
+
+
+def read(blob: bytes) -> Dataset:
+    """A dataset parsed from Part 10 bytes, as the convert service's dcmread gives it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pydicom.dcmread(io.BytesIO(blob))
+
+
+def part10(ds: Dataset) -> bytes:
+    """`ds` as Part 10 bytes, as the convert service writes it (in memory: no disk in the figures)."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
